@@ -1,0 +1,216 @@
+"""Book-keeping engine: per-example clipping with one backward pass (DESIGN.md §2.4).
+
+Attaching the engine swaps the forward of every module with trainable parameters for its layer rule's
+custom autograd function. During ``loss.backward()`` autograd computes only input gradients; each rule
+records, per use of its module, what determines the per-example parameter gradients (layer input and
+output gradient, or the small per-example gradients of norm layers). When the backward ends the engine
+
+1. computes per-example squared norms of every trainable parameter (ghost or instantiate route),
+2. turns them into per-example scales with the clipping style (flat: ``min(1, C/(‖g_i‖+1e-6))``),
+3. writes the clipped sum ``Σ_i c_i G_i`` (one GEMM with a per-row scale per layer) into
+   :attr:`BookKeepingEngine.summed_grads`, accumulating over backward passes (micro-batches).
+
+The DP optimizer consumes ``summed_grads`` once per logical step, adds the noise and divides by the
+public expected batch size. A parameter used by several modules (tied weights) is handled exactly by
+summing materialized per-example gradients over its owners.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .clipping import ClippingStyle, make_clipping
+from .layers import ModuleRecord, get_rule
+from .layers.base import Use, sum_over_uses
+from .layers.ghost import accum_dtype
+from .validation import PrivacyConfigError, validate_model
+
+
+class BookKeepingEngine:
+    """Per-example clipping for ``module`` (modified in place until :meth:`detach`).
+
+    Args:
+        module: the model; validated before anything else happens.
+        max_grad_norm: clipping norm C.
+        loss_reduction: ``"mean"`` if the loss averages over the batch dimension (the engine rescales the
+            output gradients by the realized batch size to get per-example gradients), ``"sum"`` otherwise.
+        clipping: ``"flat"``, ``"automatic"`` or a :class:`~dpsat_fast.clipping.ClippingStyle`.
+    """
+
+    def __init__(self, module: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean",
+                 clipping: str | ClippingStyle = "flat"):
+        if loss_reduction not in ("mean", "sum"):
+            raise PrivacyConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.clipping = make_clipping(clipping, max_grad_norm)
+        validate_model(module)
+        self.module = module
+        self.loss_reduction = loss_reduction
+        self.records: List[ModuleRecord] = []
+        self.summed_grads: Dict[nn.Parameter, Tensor] = {}
+        self.last_sq_norms: Dict[str, Tensor] = {}
+        self.last_batch_size = 0
+        self._callback_queued = False
+        self._patched: List[Tuple[nn.Module, Optional[object]]] = []
+        self._hook_handles = []
+
+        owners: Dict[int, List[Tuple[ModuleRecord, str]]] = defaultdict(list)
+        self.param_keys: Dict[nn.Parameter, str] = {}
+        for name, m in module.named_modules():
+            trainable = [(pn, p) for pn, p in m.named_parameters(recurse=False) if p.requires_grad]
+            if not trainable:
+                continue
+            rec = ModuleRecord(name, m, get_rule(m), [pn for pn, _ in trainable], self._on_record)
+            self.records.append(rec)
+            for pn, p in trainable:
+                owners[id(p)].append((rec, pn))
+                self.param_keys.setdefault(p, f"{name}.{pn}" if name else pn)
+        self.params: List[nn.Parameter] = list(self.param_keys)
+        self._shared = {id(p): owners[id(p)] for p in self.params if len(owners[id(p)]) > 1}
+        # per record: parameter names it handles alone (shared ones go through per-example grads)
+        self._own_names = {id(rec): [pn for pn in rec.param_names
+                                     if id(getattr(rec.module, pn)) not in self._shared] for rec in self.records}
+        for rec in self.records:
+            self._patch(rec)
+        # Autograd must never deliver a gradient to a hooked parameter: watch its AccumulateGrad node (kept
+        # alive here, as DDP does) and fail loudly if a use outside the layer rules reaches it.
+        self._grad_accumulators = []
+        for p in self.params:
+            acc = p.view_as(p).grad_fn.next_functions[0][0]
+            self._grad_accumulators.append(acc)
+            self._hook_handles.append(acc.register_prehook(self._autograd_touched(p)))
+
+    # -- attaching -----------------------------------------------------------------------------
+    def _patch(self, rec: ModuleRecord) -> None:
+        m, rule = rec.module, rec.rule
+        original = type(m).forward.__get__(m)
+
+        def private_forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            return rule.forward(m, rec, *args, **kwargs)
+
+        self._patched.append((m, m.__dict__.get("forward")))
+        m.forward = private_forward
+
+    def _autograd_touched(self, p: nn.Parameter):
+        key = self.param_keys[p]
+
+        def hook(grad_outputs):
+            if grad_outputs[0] is None:
+                return None
+            raise RuntimeError(
+                f"parameter '{key}' received a gradient from autograd, i.e. it was used outside the forward "
+                f"of its module (e.g. a functional call on module.weight); its per-example gradient cannot be "
+                f"clipped. Use the parameter only through its module, or freeze it.")
+        return hook
+
+    def detach(self) -> None:
+        """Restore the model's own forwards and remove all hooks."""
+        for m, previous in self._patched:
+            if previous is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = previous
+        for h in self._hook_handles:
+            h.remove()
+        self._patched, self._hook_handles, self._grad_accumulators = [], [], []
+        for rec in self.records:
+            rec.clear()
+
+    # -- the end of a backward pass ------------------------------------------------------------
+    def _on_record(self) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _finish_backward(self) -> None:
+        self._callback_queued = False
+        records = [r for r in self.records if r.uses]
+        try:
+            if records:
+                self._clip_and_accumulate(records)
+        finally:
+            for r in records:
+                r.clear()
+
+    def _batch_size(self, records: List[ModuleRecord]) -> int:
+        sizes = {t.shape[0] for r in records for u in r.uses for t in u.values()}
+        if len(sizes) != 1:
+            names = [r.name for r in records]
+            raise RuntimeError(f"modules {names} saw different batch sizes {sorted(sizes)} in one backward; "
+                               f"the batch must be the first dimension of every supported layer's input")
+        return sizes.pop()
+
+    def _sq_norms(self, records: List[ModuleRecord]) -> Tuple[Dict[str, Tensor], Dict[int, Tensor]]:
+        """Per-parameter per-example squared norms (raw: before the loss-reduction factor)."""
+        sq: Dict[str, Tensor] = {}
+        for r in records:
+            names = self._own_names[id(r)]
+            if names:
+                for pn, v in r.rule.sq_norms(r, r.uses, names).items():
+                    sq[self.param_keys[getattr(r.module, pn)]] = v
+        shared_grads: Dict[int, Tensor] = {}
+        for pid, owners in self._shared.items():
+            parts = [r.rule.per_example_grads(r, r.uses, [pn])[pn] for r, pn in owners if r.uses]
+            if parts:
+                pe = sum_over_uses(parts)
+                shared_grads[pid] = pe
+                sq[self.param_keys[getattr(owners[0][0].module, owners[0][1])]] = pe.flatten(1).pow(2).sum(1)
+        return sq, shared_grads
+
+    def _clip_and_accumulate(self, records: List[ModuleRecord]) -> None:
+        B = self._batch_size(records)
+        factor = float(B) if self.loss_reduction == "mean" else 1.0
+        sq, shared_grads = self._sq_norms(records)
+        total = torch.stack(list(sq.values())).sum(0)
+        finite = torch.isfinite(total)
+        if not bool(finite.all()):
+            self._drop_examples(records, ~finite)
+            sq, shared_grads = self._sq_norms(records)
+        sq = {k: v * factor ** 2 for k, v in sq.items()}
+        scales = self.clipping.scales(sq)
+        self.last_sq_norms = sq
+        self.last_batch_size = B
+        for r in records:
+            names = self._own_names[id(r)]
+            if not names:
+                continue
+            key = self.param_keys[getattr(r.module, names[0])]
+            sums = r.rule.clipped_sums(r, r.uses, scales[key] * factor, names)
+            for pn, s in sums.items():
+                self._accumulate(getattr(r.module, pn), s)
+        for pid, pe in shared_grads.items():
+            rec, pn = self._shared[pid][0]
+            p = getattr(rec.module, pn)
+            s = torch.tensordot(scales[self.param_keys[p]].to(pe.dtype) * factor, pe, dims=1)
+            self._accumulate(p, s)
+
+    def _drop_examples(self, records: List[ModuleRecord], bad: Tensor) -> None:
+        """Non-finite examples contribute zero: zero their rows in every recorded tensor."""
+        for r in records:
+            r.uses = [{k: torch.where(bad.view(-1, *([1] * (t.dim() - 1))), torch.zeros((), dtype=t.dtype,
+                                                                                      device=t.device), t)
+                       for k, t in u.items()} for u in r.uses]
+
+    def _accumulate(self, p: nn.Parameter, s: Tensor) -> None:
+        s = s.reshape(p.shape).to(accum_dtype(p))
+        prev = self.summed_grads.get(p)
+        self.summed_grads[p] = s if prev is None else prev.add_(s)
+
+    # -- for the optimizer -----------------------------------------------------------------------
+    def pop_summed_grad(self, p: nn.Parameter) -> Tensor:
+        """The clipped sum accumulated for ``p`` since the last call (zeros if it got none), in fp32/fp64."""
+        s = self.summed_grads.pop(p, None)
+        if s is None:
+            s = torch.zeros(p.shape, dtype=accum_dtype(p), device=p.device)
+        return s
+
+    def clear(self) -> None:
+        """Drop accumulated clipped sums and unconsumed records."""
+        self.summed_grads.clear()
+        for r in self.records:
+            r.clear()

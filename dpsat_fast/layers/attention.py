@@ -1,0 +1,102 @@
+"""A DP-compatible multi-head attention with nn.MultiheadAttention's interface.
+
+nn.MultiheadAttention applies its packed ``in_proj_weight`` inside one functional call, so no per-layer rule
+can see its inputs. :class:`DPMultiheadAttention` computes the same function with four nn.Linear
+projections (q, k, v, out) whose per-example gradients the Linear rule handles exactly;
+:func:`convert_multihead_attention` swaps it in, copying the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DPMultiheadAttention(nn.Module):
+    """Drop-in for nn.MultiheadAttention (same arguments and outputs; add_bias_kv/add_zero_attn unsupported)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None):
+        super().__init__()
+        if add_bias_kv or add_zero_attn:
+            raise NotImplementedError("DPMultiheadAttention does not support add_bias_kv or add_zero_attn")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        kw = dict(device=device, dtype=dtype)
+        self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
+        self.head_dim = embed_dim // num_heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias, **kw)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention) -> "DPMultiheadAttention":
+        """Same function as ``mha``, weights copied."""
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise NotImplementedError(f"cannot convert nn.MultiheadAttention with add_bias_kv/add_zero_attn")
+        p = mha.out_proj.weight
+        new = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None, kdim=mha.kdim,
+                  vdim=mha.vdim, batch_first=mha.batch_first, device=p.device, dtype=p.dtype)
+        E = mha.embed_dim
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                wq, wk, wv = mha.in_proj_weight.split(E)
+            else:
+                wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            for lin, w in ((new.q_proj, wq), (new.k_proj, wk), (new.v_proj, wv)):
+                lin.weight.copy_(w)
+            if mha.in_proj_bias is not None:
+                for lin, b in zip((new.q_proj, new.k_proj, new.v_proj), mha.in_proj_bias.split(E)):
+                    lin.bias.copy_(b)
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+        new.train(mha.training)
+        return new
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if query.dim() != 3:
+            raise ValueError("DPMultiheadAttention needs batched 3-D inputs")
+        if not self.batch_first:  # projections see batch-first inputs: the batch is dimension 0
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        B, L, _ = query.shape
+        S = key.shape[1]
+        H, hd = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(B, L, H, hd).transpose(1, 2)  # [B, H, L, hd]
+        k = self.k_proj(key).view(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
+        v = self.v_proj(value).view(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
+        scores = q.matmul(k.transpose(-2, -1)) / math.sqrt(hd)  # [B, H, L, S]
+        if is_causal and attn_mask is None:
+            attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+        if attn_mask is not None:
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask.view(B, H, L, S)
+            scores = scores.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.view(B, 1, 1, S)
+            scores = scores.masked_fill(kpm, float("-inf")) if kpm.dtype == torch.bool else scores + kpm
+        weights = scores.softmax(-1)
+        dropped = F.dropout(weights, self.dropout, self.training) if self.dropout > 0 else weights
+        out = dropped.matmul(v).transpose(1, 2).reshape(B, L, self.embed_dim)
+        out = self.out_proj(out)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(1) if average_attn_weights else weights
+
+
+def convert_multihead_attention(module: nn.Module) -> nn.Module:
+    """Replace every nn.MultiheadAttention in ``module`` (in place; the root too) by DPMultiheadAttention."""
+    if type(module) is nn.MultiheadAttention:
+        return DPMultiheadAttention.from_torch(module)
+    for name, child in module.named_children():
+        setattr(module, name, convert_multihead_attention(child))
+    return module

@@ -1,0 +1,80 @@
+"""The contract between the engine and a per-sample gradient rule for one family of layers.
+
+A rule replaces the forward of a supported module with a custom autograd function whose backward
+
+* returns only the input gradient (autograd never computes the module's parameter gradients), and
+* hands the tensors that determine the per-example parameter gradients (e.g. layer input ``a`` and
+  output gradient ``g``) to the module's :class:`ModuleRecord`, one entry per use of the module.
+
+After the backward the engine asks the rule, per parameter, for per-example squared norms and for the
+clipped sum ``Σ_i s_i G_i``. All tensors in a use have the batch as leading dimension, so the engine can
+zero the rows of non-finite examples uniformly. A module used several times in one forward gets one
+use per call; rules combine uses exactly (the per-example gradient is the sum over uses).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Use = Dict[str, Tensor]
+
+
+class ModuleRecord:
+    """What the backward of one hooked module left behind, until the engine consumes it."""
+
+    def __init__(self, name: str, module: nn.Module, rule: "LayerRule", param_names: Sequence[str],
+                 on_record: Callable[[], None]):
+        self.name = name
+        self.module = module
+        self.rule = rule
+        self.param_names = tuple(param_names)
+        self.uses: List[Use] = []
+        self._on_record = on_record
+
+    def add_use(self, **tensors: Tensor) -> None:
+        """Called from a rule's backward with batch-leading tensors."""
+        self.uses.append(tensors)
+        self._on_record()
+
+    def clear(self) -> None:
+        self.uses = []
+
+
+class LayerRule:
+    """Per-sample gradient rule for one module family. Subclasses implement ``forward`` and either
+    ``per_example_grads`` (small parameters) or all three of the per-parameter methods."""
+
+    #: Module types handled by this rule (exact type match: a subclass may have another forward).
+    module_types: tuple = ()
+
+    def forward(self, module: nn.Module, record: ModuleRecord, *args, **kwargs) -> Tensor:
+        raise NotImplementedError
+
+    def problems(self, module: nn.Module) -> List[str]:
+        """Configurations of this module that the rule cannot make private (empty if fine)."""
+        return []
+
+    def per_example_grads(self, record: ModuleRecord, uses: List[Use], names: Sequence[str]) -> Dict[str, Tensor]:
+        """Materialized per-example gradients ``{name: [B, *param.shape]}`` summed over uses."""
+        raise NotImplementedError
+
+    def sq_norms(self, record: ModuleRecord, uses: List[Use], names: Sequence[str]) -> Dict[str, Tensor]:
+        """Per-example squared gradient norms ``{name: [B]}``."""
+        grads = self.per_example_grads(record, uses, names)
+        return {n: grads[n].flatten(1).pow(2).sum(1) for n in names}
+
+    def clipped_sums(self, record: ModuleRecord, uses: List[Use], scale: Tensor,
+                     names: Sequence[str]) -> Dict[str, Tensor]:
+        """``{name: Σ_i scale_i G_i}`` with ``scale`` of shape [B]."""
+        grads = self.per_example_grads(record, uses, names)
+        return {n: torch.tensordot(scale.to(grads[n].dtype), grads[n], dims=1) for n in names}
+
+
+def sum_over_uses(tensors: List[Tensor]) -> Tensor:
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = out + t
+    return out
