@@ -17,6 +17,7 @@ summing materialized per-example gradients over its owners.
 
 from __future__ import annotations
 
+import types
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
@@ -28,6 +29,26 @@ from .layers import ModuleRecord, get_rule
 from .layers.base import Use, sum_over_uses
 from .layers.ghost import accum_dtype
 from .validation import PrivacyConfigError, validate_model
+
+
+class _PrivateForward:
+    """The forward of a hooked module: its rule's custom function while gradients are recorded, the module's
+    own forward otherwise. A deep copy of the module gets its plain forward back (it is not attached)."""
+
+    def __init__(self, record: ModuleRecord):
+        self.record = record
+
+    def __call__(self, *args, **kwargs):
+        m = self.record.module
+        if not torch.is_grad_enabled():
+            return type(m).forward(m, *args, **kwargs)
+        return self.record.rule.forward(m, self.record, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        copy = memo.get(id(self.record.module))
+        if copy is None:
+            raise RuntimeError("deep-copy the whole model, not the forward of one of its hooked modules")
+        return types.MethodType(type(copy).forward, copy)
 
 
 class BookKeepingEngine:
@@ -85,16 +106,9 @@ class BookKeepingEngine:
 
     # -- attaching -----------------------------------------------------------------------------
     def _patch(self, rec: ModuleRecord) -> None:
-        m, rule = rec.module, rec.rule
-        original = type(m).forward.__get__(m)
-
-        def private_forward(*args, **kwargs):
-            if not torch.is_grad_enabled():
-                return original(*args, **kwargs)
-            return rule.forward(m, rec, *args, **kwargs)
-
+        m = rec.module
         self._patched.append((m, m.__dict__.get("forward")))
-        m.forward = private_forward
+        m.forward = _PrivateForward(rec)
 
     def _autograd_touched(self, p: nn.Parameter):
         key = self.param_keys[p]

@@ -14,6 +14,7 @@ use per call; rules combine uses exactly (the per-example gradient is the sum ov
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -71,6 +72,11 @@ class LayerRule:
         """``{name: Σ_i scale_i G_i}`` with ``scale`` of shape [B]."""
         grads = self.per_example_grads(record, uses, names)
         return {n: torch.tensordot(scale.to(grads[n].dtype), grads[n], dims=1) for n in names}
+
+
+def as_batch_positions_features(t: Tensor) -> Tensor:
+    """[B, *, F] -> [B, T, F] with T the product of the middle dimensions (also for B = 0)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
 
 
 def sum_over_uses(tensors: List[Tensor]) -> Tensor:

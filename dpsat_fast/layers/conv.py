@@ -102,13 +102,13 @@ class ConvRule(LayerRule):
             a = unfold_patches(u["x"], ks, stride, padding, dilation, groups)  # [B, G, T, D_k]
             g = u["g"]
             B, C_out = g.shape[:2]
-            g = g.reshape(B, groups, C_out // groups, -1).transpose(2, 3)  # [B, G, T, P_k]
+            g = g.reshape(B, groups, C_out // groups, math.prod(g.shape[2:])).transpose(2, 3)  # [B, G, T, P_k]
             a_parts.append(a)
             g_parts.append(g)
         a = torch.cat(a_parts, 2) if len(a_parts) > 1 else a_parts[0]
         g = torch.cat(g_parts, 2) if len(g_parts) > 1 else g_parts[0]
         B, G, T = a.shape[:3]
-        return a.reshape(B * G, T, -1), g.reshape(B * G, T, -1), B, G
+        return a.reshape(B * G, T, a.shape[3]), g.reshape(B * G, T, g.shape[3]), B, G
 
     @staticmethod
     def _bias_grads(uses: List[Use]) -> Tensor:

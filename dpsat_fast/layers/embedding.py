@@ -8,6 +8,7 @@ per-example gradient is never materialized.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ghost
-from .base import LayerRule, ModuleRecord, Use
+from .base import LayerRule, ModuleRecord, Use, as_batch_positions_features
 
 
 class _EmbeddingFunction(torch.autograd.Function):
@@ -28,8 +29,8 @@ class _EmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
-        B = idx.shape[0]
-        ctx.record.add_use(idx=idx.reshape(B, -1), g=grad_out.reshape(B, -1, grad_out.shape[-1]))
+        ctx.record.add_use(idx=idx.reshape(idx.shape[0], math.prod(idx.shape[1:])),
+                           g=as_batch_positions_features(grad_out))
         return None, None, None, None
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ghost
-from .base import LayerRule, ModuleRecord, Use
+from .base import LayerRule, ModuleRecord, Use, as_batch_positions_features
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -27,8 +27,7 @@ class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
-        B = x.shape[0]
-        ctx.record.add_use(a=x.reshape(B, -1, x.shape[-1]), g=grad_out.reshape(B, -1, grad_out.shape[-1]))
+        ctx.record.add_use(a=as_batch_positions_features(x), g=as_batch_positions_features(grad_out))
         grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 
