@@ -1,0 +1,73 @@
+"""One call that makes a training script private, in the style Opacus users know.
+
+    privacy_engine = PrivacyEngine()
+    model, optimizer, loader = privacy_engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    ...
+    privacy_engine.get_epsilon(delta=1e-5)
+
+Everything is validated before any data is touched. The returned loader samples with Poisson sampling at
+rate q = batch_size / N (the privacy analysis assumes it); an ordinary loader is converted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .accounting import PrivacyAccountant, calibrate_noise_multiplier
+from .clipping import ClippingStyle
+from .data import PoissonDataLoader
+from .engine import BookKeepingEngine
+from .optim import DPOptimizer
+from .validation import PrivacyConfigError, check_delta
+
+
+class PrivacyEngine:
+    """Holds the accountant of one private training run."""
+
+    def __init__(self, accountant: str = "pld"):
+        self.accountant = PrivacyAccountant(accountant)
+        self.engine: Optional[BookKeepingEngine] = None
+        self.optimizer: Optional[DPOptimizer] = None
+
+    def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
+                     max_grad_norm: float, noise_multiplier: Optional[float] = None,
+                     target_epsilon: Optional[float] = None, target_delta: Optional[float] = None,
+                     epochs: Optional[int] = None, poisson_sampling: bool = True, loss_reduction: str = "mean",
+                     clipping: str | ClippingStyle = "flat", seed: Optional[int] = None,
+                     allow_non_private: bool = False) -> Tuple[nn.Module, DPOptimizer, DataLoader]:
+        """Attach the engine to ``module``, wrap ``optimizer``, and return a Poisson version of ``data_loader``.
+
+        Give either ``noise_multiplier`` or ``target_epsilon`` with ``target_delta`` and ``epochs`` (σ is then
+        calibrated so that ε ≤ target after ``epochs · len(loader)`` steps).
+        """
+        if not poisson_sampling:
+            raise PrivacyConfigError(
+                "poisson_sampling=False: the privacy guarantee and the accountant assume Poisson sampling; a "
+                "shuffled fixed-size loader is not covered. Leave poisson_sampling=True (the loader is converted)")
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise PrivacyConfigError("give exactly one of noise_multiplier or target_epsilon (with target_delta "
+                                     "and epochs)")
+        loader = (data_loader if isinstance(data_loader, PoissonDataLoader)
+                  else PoissonDataLoader.from_data_loader(data_loader))
+        if target_epsilon is not None:
+            if target_delta is None or epochs is None:
+                raise PrivacyConfigError("target_epsilon needs target_delta and epochs to calibrate σ")
+            check_delta(target_delta, loader.num_samples)
+            noise_multiplier = calibrate_noise_multiplier(target_epsilon, target_delta, loader.sample_rate,
+                                                          epochs * len(loader), accountant=self.accountant.mechanism)
+        self.engine = BookKeepingEngine(module, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+                                        clipping=clipping)
+        self.optimizer = DPOptimizer(optimizer, engine=self.engine, noise_multiplier=noise_multiplier,
+                                     expected_batch_size=loader.expected_batch_size, seed=seed,
+                                     accountant=self.accountant, sample_rate=loader.sample_rate,
+                                     allow_non_private=allow_non_private)
+        return module, self.optimizer, loader
+
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at δ."""
+        return self.accountant.get_epsilon(delta)
