@@ -1,0 +1,84 @@
+"""Smoke tests of bench/throughput.py on the smallest model: rows are produced, and each DP provider
+really releases the flat-clipped mean plus N(0, σ²C²)/B² noise (checked against torch.func)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+]
+
+BENCH_PATH = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("isolation", ["subprocess", "inprocess"])
+def test_main_produces_rows(throughput, tmp_path, isolation):
+    out = tmp_path / "throughput.json"
+    result = throughput.main([
+        "--models", "digits_cnn", "--batch-sizes", "8", "--iters", "1", "--warmup", "1",
+        "--providers", "nonprivate", "torch_func", "--device", "cpu", "--isolation", isolation,
+        "--out", str(out),
+    ])
+    rows = result["rows"]
+    assert [(r["model"], r["batch_size"], r["provider"]) for r in rows] == [
+        ("digits_cnn", 8, "nonprivate"), ("digits_cnn", 8, "torch_func")]
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert r["ms_per_step"] > 0 and r["examples_per_s"] > 0
+        assert len(r["times_ms"]) == 1
+        assert r["throughput_ratio"] > 0
+        if isolation == "subprocess":
+            assert r["peak_mb"] is not None and r["peak_mb"] >= 0
+    assert rows[0]["throughput_ratio"] == pytest.approx(1.0)
+    written = json.loads(out.read_text())
+    assert written["rows"] == json.loads(json.dumps(rows))
+    metadata = written["metadata"]
+    for key in ("device_name", "torch", "opacus", "dpsat_fast", "python", "num_threads", "date", "command"):
+        assert key in metadata
+    assert metadata["num_threads"] == 2
+
+
+def test_failing_provider_is_recorded_not_raised(throughput, monkeypatch):
+    class Broken(throughput.Provider):
+        name = "broken"
+
+        def __init__(self, *args):
+            raise RuntimeError("boom")
+
+    monkeypatch.setitem(throughput.PROVIDERS, "broken", Broken)
+    row = throughput.run_job("digits_cnn", 4, "broken", "cpu", warmup=1, iters=1,
+                             cfg=throughput.StepConfig())
+    assert row["status"] == "error" and "boom" in row["error"]
+
+
+@pytest.mark.parametrize("provider", ["opacus_hooks", "opacus_ghost", "torch_func", "dpsat_fast"])
+def test_dp_provider_clips_and_adds_noise(throughput, provider):
+    try:
+        report = throughput.verify_provider(provider, "digits_cnn", batch_size=16)
+    except throughput.ProviderSkipped as exc:
+        pytest.skip(str(exc))
+    assert report["fraction_clipped"] == pytest.approx(0.5)
+    assert report["max_rel_err_noiseless"] < 1e-4
+    # ~14k noise coordinates: the sample std is within a few percent of σC/B.
+    assert abs(report["noise_std_ratio"] - 1.0) < 0.05
+    assert abs(report["noise_mean_over_std"]) < 0.05
