@@ -22,19 +22,26 @@ from .base import LayerRule, ModuleRecord, Use, sum_over_uses
 
 def unfold_patches(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                    dilation: Sequence[int], groups: int) -> Tensor:
-    """im2col for N-d convolution: x [B, C, *S] -> [B, groups, T, (C/groups)·∏k] (weight layout order)."""
+    """im2col for N-d convolution: x [B, C, *S] -> [B, groups, (C/groups)·∏k, T] (weight layout order).
+
+    1-D and 2-D go through F.unfold (one optimized im2col, no intermediate copies); 3-D through strided
+    windows and one copy."""
     n = len(kernel_size)
-    if any(padding):
-        x = F.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
-    for d in range(n):
-        span = dilation[d] * (kernel_size[d] - 1) + 1
-        x = x.unfold(2 + d, span, stride[d])  # appends a window dimension
-    x = x[(slice(None),) * (2 + n) + tuple(slice(None, None, dl) for dl in dilation)]  # [B, C, *T, *k]
     B, C = x.shape[:2]
-    T = math.prod(x.shape[2:2 + n])
-    K = math.prod(kernel_size)
-    x = x.reshape(B, groups, C // groups, T, K).permute(0, 1, 3, 2, 4)
-    return x.reshape(B, groups, T, (C // groups) * K)
+    if n == 2:
+        cols = F.unfold(x, tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride))  # [B, C·K, T]
+    elif n == 1:
+        cols = F.unfold(x.unsqueeze(2), (1, kernel_size[0]), (1, dilation[0]), (0, padding[0]), (1, stride[0]))
+    else:
+        if any(padding):
+            x = F.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
+        for d in range(n):
+            x = x.unfold(2 + d, dilation[d] * (kernel_size[d] - 1) + 1, stride[d])  # appends a window dim
+        x = x[(slice(None),) * (2 + n) + tuple(slice(None, None, dl) for dl in dilation)]  # [B, C, *T, *k]
+        perm = (0, 1) + tuple(range(2 + n, 2 + 2 * n)) + tuple(range(2, 2 + n))
+        T = math.prod(x.shape[2:2 + n])
+        cols = x.permute(perm).reshape(B, C * math.prod(kernel_size), T)
+    return cols.view(B, groups, cols.shape[1] // groups, cols.shape[2])
 
 
 class _ConvFunction(torch.autograd.Function):
@@ -94,32 +101,65 @@ class ConvRule(LayerRule):
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
     def _patches_and_grads(record, uses: List[Use]):
-        """Unfolded inputs [B*groups, T, D_k] and output grads [B*groups, T, P_k], uses along T."""
+        """Unfolded inputs [B·G, T, D_k] and output grads [B·G, T, P_k] (transposed views of feature-major
+        tensors: no copies), several uses concatenated along T."""
         stride, padding, dilation, groups = record.geometry
         ks = record.module.weight.shape[2:]
         a_parts, g_parts = [], []
         for u in uses:
-            a = unfold_patches(u["x"], ks, stride, padding, dilation, groups)  # [B, G, T, D_k]
+            a_parts.append(unfold_patches(u["x"], ks, stride, padding, dilation, groups))  # [B, G, D_k, T]
             g = u["g"]
-            B, C_out = g.shape[:2]
-            g = g.reshape(B, groups, C_out // groups, math.prod(g.shape[2:])).transpose(2, 3)  # [B, G, T, P_k]
-            a_parts.append(a)
-            g_parts.append(g)
-        a = torch.cat(a_parts, 2) if len(a_parts) > 1 else a_parts[0]
-        g = torch.cat(g_parts, 2) if len(g_parts) > 1 else g_parts[0]
-        B, G, T = a.shape[:3]
-        return a.reshape(B * G, T, a.shape[3]), g.reshape(B * G, T, g.shape[3]), B, G
+            g_parts.append(g.reshape(g.shape[0], groups, g.shape[1] // groups, math.prod(g.shape[2:])))  # [B, G, P_k, T]
+        a = torch.cat(a_parts, 3) if len(a_parts) > 1 else a_parts[0]
+        g = torch.cat(g_parts, 3) if len(g_parts) > 1 else g_parts[0]
+        B, G = a.shape[:2]
+        return (a.reshape(B * G, a.shape[2], a.shape[3]).transpose(1, 2),
+                g.reshape(B * G, g.shape[2], g.shape[3]).transpose(1, 2), B, G)
 
     @staticmethod
     def _bias_grads(uses: List[Use]) -> Tensor:
         return sum_over_uses([u["g"].to(ghost.accum_dtype(u["g"])).flatten(2).sum(2) for u in uses])
 
+    @staticmethod
+    def _grouped_weight_grads(record, uses: List[Use], sl: slice) -> Tensor:
+        """Per-example weight gradients [b, *weight.shape] of examples ``sl``, summed over uses, as ONE
+        convolution weight-gradient with the batch folded into the groups (no unfold)."""
+        stride, padding, dilation, groups = record.geometry
+        w = record.module.weight
+        n = w.dim() - 2
+        out = None
+        for u in uses:
+            x, g = u["x"][sl], u["g"][sl]
+            dt, b = ghost.accum_dtype(x), x.shape[0]
+            if b == 0:
+                return torch.zeros((0,) + tuple(w.shape), dtype=dt, device=w.device)
+            pe = torch.ops.aten.convolution_backward(
+                g.to(dt).reshape(1, b * g.shape[1], *g.shape[2:]), x.to(dt).reshape(1, b * x.shape[1], *x.shape[2:]),
+                torch.zeros((b * w.shape[0],) + tuple(w.shape[1:]), dtype=dt, device=w.device), None, stride,
+                padding, dilation, False, [0] * n, b * groups, [False, True, False])[1]
+            pe = pe.view((b,) + tuple(w.shape))
+            out = pe if out is None else out + pe
+        return out
+
+    def _route(self, record, uses: List[Use]) -> str:
+        if self.route is not None:
+            return self.route
+        w, groups = record.module.weight, record.geometry[3]
+        T = sum(math.prod(u["g"].shape[2:]) for u in uses)
+        return ghost.choose_route(T, w[0].numel(), w.shape[0] // groups)
+
     # -- rule ----------------------------------------------------------------------------------
     def sq_norms(self, record, uses, names) -> Dict[str, Tensor]:
         out = {}
         if "weight" in names:
-            a, g, B, G = self._patches_and_grads(record, uses)
-            out["weight"] = ghost.weight_sq_norms(a, g, self.route).view(B, G).sum(1)
+            if self._route(record, uses) == "instantiate":
+                B, per_example = uses[0]["x"].shape[0], record.module.weight.numel()
+                parts = [self._grouped_weight_grads(record, uses, sl).flatten(1).pow(2).sum(1)
+                         for sl in ghost.batch_chunks(B, per_example)]
+                out["weight"] = torch.cat(parts) if len(parts) != 1 else parts[0]
+            else:
+                a, g, B, G = self._patches_and_grads(record, uses)
+                out["weight"] = ghost.sq_norms_ghost(a, g).view(B, G).sum(1)
         if "bias" in names:
             out["bias"] = self._bias_grads(uses).pow(2).sum(1)
         return out
@@ -146,9 +186,7 @@ class ConvRule(LayerRule):
     def per_example_grads(self, record, uses, names) -> Dict[str, Tensor]:
         out = {}
         if "weight" in names:
-            a, g, B, G = self._patches_and_grads(record, uses)
-            pe = ghost.weight_per_example_grads(a, g)  # [B*G, P_k, D_k]
-            out["weight"] = pe.reshape(B, *record.module.weight.shape)
+            out["weight"] = self._grouped_weight_grads(record, uses, slice(None))
         if "bias" in names:
             out["bias"] = self._bias_grads(uses)
         return out

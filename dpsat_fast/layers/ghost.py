@@ -34,8 +34,11 @@ def choose_route(T: int, D: int, P: int) -> str:
     return "ghost" if T * (D + P) < D * P else "instantiate"
 
 
-def _chunks(batch: int, per_example: int):
+def batch_chunks(batch: int, per_example: int):
+    """Slices of the batch whose temporaries stay under the element budget (at least one slice)."""
     step = max(1, _CHUNK_ELEMENTS // max(per_example, 1))
+    if batch == 0:
+        yield slice(0, 0)
     for start in range(0, batch, step):
         yield slice(start, min(start + step, batch))
 
@@ -47,7 +50,7 @@ def sq_norms_ghost(a: Tensor, g: Tensor) -> Tensor:
     if T == 1:
         return a.to(dt).pow(2).sum((1, 2)) * g.to(dt).pow(2).sum((1, 2))
     out = torch.empty(B, dtype=dt, device=a.device)
-    for sl in _chunks(B, T * T):
+    for sl in batch_chunks(B, T * T):
         ac, gc = a[sl].to(dt), g[sl].to(dt)
         gram_a = torch.bmm(ac, ac.transpose(1, 2))  # [b, T, T]
         gram_g = torch.bmm(gc, gc.transpose(1, 2))  # [b, T, T]
@@ -61,7 +64,7 @@ def sq_norms_instantiate(a: Tensor, g: Tensor) -> Tensor:
     B, _, D = a.shape
     P = g.shape[2]
     out = torch.empty(B, dtype=dt, device=a.device)
-    for sl in _chunks(B, D * P):
+    for sl in batch_chunks(B, D * P):
         per_example = torch.bmm(g[sl].to(dt).transpose(1, 2), a[sl].to(dt))  # [b, P, D]
         out[sl] = per_example.pow(2).sum((1, 2))
     return out
