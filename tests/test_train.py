@@ -1,0 +1,18 @@
+"""The training command: runs end to end on the bundled digits, learns, and reports ε within budget."""
+
+from dpsat_fast.train import main, parse_args, train
+
+
+def test_train_command_learns_and_reports_epsilon(capsys):
+    result = train(parse_args(["--epochs", "4", "--no-progress", "--target-epsilon", "3", "--accountant", "rdp",
+                               "--physical-batch-size", "50"]))
+    out = capsys.readouterr().out
+    assert "test accuracy:" in out and "ε =" in out
+    assert 0 < result["epsilon"] <= 3.0
+    assert result["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert result["steps"] == 4 * round(1438 / 128)
+
+
+def test_train_command_with_fixed_sigma_progress_bars(capsys):
+    main(["--epochs", "1", "--noise-multiplier", "1.0", "--accountant", "rdp"])
+    assert "epoch 1/1" in capsys.readouterr().out
