@@ -119,7 +119,8 @@ class BookKeepingEngine:
             raise RuntimeError(
                 f"parameter '{key}' received a gradient from autograd, i.e. it was used outside the forward "
                 f"of its module (e.g. a functional call on module.weight); its per-example gradient cannot be "
-                f"clipped. Use the parameter only through its module, or freeze it.")
+                f"clipped. Use the parameter only through its module, or freeze it (for an L2 penalty on the weights "
+                f"use the optimizer's weight_decay instead of a loss term).")
         return hook
 
     def detach(self) -> None:
