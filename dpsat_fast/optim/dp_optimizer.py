@@ -89,12 +89,12 @@ class DPOptimizer(Optimizer):
         return self.original_optimizer.defaults
 
     def __getattr__(self, name):  # hooks and anything else torch.optim keeps on the instance
-        if name == "original_optimizer":
+        if name == "original_optimizer" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.original_optimizer, name)
 
     def __repr__(self) -> str:
-        return (f"DPOptimizer(σ={self.noise_multiplier}, C={self.engine.clipping.max_grad_norm}, "
+        return (f"{type(self).__name__}(σ={self.noise_multiplier}, C={self.engine.clipping.max_grad_norm}, "
                 f"B̄={self.expected_batch_size}, {self.original_optimizer!r})")
 
     def add_param_group(self, param_group: Dict) -> None:
