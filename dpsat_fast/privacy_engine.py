@@ -22,7 +22,8 @@ from .accounting import PrivacyAccountant, calibrate_noise_multiplier
 from .clipping import ClippingStyle
 from .data import PoissonDataLoader
 from .engine import BookKeepingEngine
-from .optim import DPOptimizer
+from .checkpoint import load_checkpoint, save_checkpoint
+from .optim import DPSAM, DPSAT, DPOptimizer
 from .validation import PrivacyConfigError, check_delta
 
 
@@ -33,18 +34,27 @@ class PrivacyEngine:
         self.accountant = PrivacyAccountant(accountant)
         self.engine: Optional[BookKeepingEngine] = None
         self.optimizer: Optional[DPOptimizer] = None
+        self.data_loader: Optional[PoissonDataLoader] = None
 
     def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
                      max_grad_norm: float, noise_multiplier: Optional[float] = None,
                      target_epsilon: Optional[float] = None, target_delta: Optional[float] = None,
                      epochs: Optional[int] = None, poisson_sampling: bool = True, loss_reduction: str = "mean",
                      clipping: str | ClippingStyle = "flat", seed: Optional[int] = None,
+                     sam_rho: float = 0.0, sam_method: str = "dpsat", sam_direction: str = "noisy_gradient",
                      allow_non_private: bool = False) -> Tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach the engine to ``module``, wrap ``optimizer``, and return a Poisson version of ``data_loader``.
 
         Give either ``noise_multiplier`` or ``target_epsilon`` with ``target_delta`` and ``epochs`` (σ is then
         calibrated so that ε ≤ target after ``epochs · len(loader)`` steps).
+
+        ``sam_rho > 0`` makes the optimizer DP-SAT (``sam_method="dpsat"``, same privacy cost as DP-SGD;
+        ``sam_direction`` "noisy_gradient" or "last_update"), or the two-query DP-SAM baseline
+        (``sam_method="dpsam"``, accounted as two compositions per step, needs ``step(closure)``).
         """
+        if sam_method not in ("dpsat", "dpsam"):
+            raise PrivacyConfigError(f"sam_method must be 'dpsat' or 'dpsam', got {sam_method!r}")
+        compositions = 2 if sam_method == "dpsam" else 1
         if not poisson_sampling:
             raise PrivacyConfigError(
                 "poisson_sampling=False: the privacy guarantee and the accountant assume Poisson sampling; a "
@@ -59,14 +69,31 @@ class PrivacyEngine:
                 raise PrivacyConfigError("target_epsilon needs target_delta and epochs to calibrate σ")
             check_delta(target_delta, loader.num_samples)
             noise_multiplier = calibrate_noise_multiplier(target_epsilon, target_delta, loader.sample_rate,
-                                                          epochs * len(loader), accountant=self.accountant.mechanism)
+                                                          epochs * len(loader), accountant=self.accountant.mechanism,
+                                                          compositions_per_step=compositions)
         self.engine = BookKeepingEngine(module, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
                                         clipping=clipping)
-        self.optimizer = DPOptimizer(optimizer, engine=self.engine, noise_multiplier=noise_multiplier,
-                                     expected_batch_size=loader.expected_batch_size, seed=seed,
-                                     accountant=self.accountant, sample_rate=loader.sample_rate,
-                                     allow_non_private=allow_non_private)
+        common = dict(engine=self.engine, noise_multiplier=noise_multiplier,
+                      expected_batch_size=loader.expected_batch_size, seed=seed, accountant=self.accountant,
+                      sample_rate=loader.sample_rate, allow_non_private=allow_non_private)
+        if sam_method == "dpsam":
+            self.optimizer = DPSAM(optimizer, rho=sam_rho, **common)
+        elif sam_rho > 0:
+            self.optimizer = DPSAT(optimizer, rho=sam_rho, direction=sam_direction, **common)
+        else:
+            self.optimizer = DPOptimizer(optimizer, **common)
+        self.data_loader = loader
         return module, self.optimizer, loader
+
+    def save_checkpoint(self, path, **extra) -> None:
+        """Save everything the run needs to resume (see :func:`dpsat_fast.checkpoint.save_checkpoint`)."""
+        save_checkpoint(path, model=self.engine.module, optimizer=self.optimizer, accountant=self.accountant,
+                        data_loader=self.data_loader, **extra)
+
+    def load_checkpoint(self, path) -> dict:
+        """Restore a run saved by :meth:`save_checkpoint` into this engine's model, optimizer and loader."""
+        return load_checkpoint(path, model=self.engine.module, optimizer=self.optimizer, accountant=self.accountant,
+                               data_loader=self.data_loader)
 
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at δ."""
