@@ -16,3 +16,15 @@ def test_train_command_learns_and_reports_epsilon(capsys):
 def test_train_command_with_fixed_sigma_progress_bars(capsys):
     main(["--epochs", "1", "--noise-multiplier", "1.0", "--accountant", "rdp"])
     assert "epoch 1/1" in capsys.readouterr().out
+
+
+def test_train_command_methods(capsys):
+    for method in ("dpsgd", "dpsam"):
+        result = train(parse_args(["--epochs", "1", "--no-progress", "--method", method, "--noise-multiplier", "1.0",
+                                   "--accountant", "rdp"]))
+        assert result["method"] == method
+    assert "DP-SAM: test accuracy" in capsys.readouterr().out
+
+
+def test_train_defaults_to_dpsat():
+    assert parse_args([]).method == "dpsat"
