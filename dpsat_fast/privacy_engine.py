@@ -24,6 +24,7 @@ from .data import PoissonDataLoader
 from .engine import BookKeepingEngine
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import DPSAM, DPSAT, DPOptimizer
+from .optim.dpsat import DIRECTIONS, check_rho
 from .validation import PrivacyConfigError, check_delta
 
 
@@ -54,6 +55,9 @@ class PrivacyEngine:
         """
         if sam_method not in ("dpsat", "dpsam"):
             raise PrivacyConfigError(f"sam_method must be 'dpsat' or 'dpsam', got {sam_method!r}")
+        if sam_direction not in DIRECTIONS:
+            raise PrivacyConfigError(f"sam_direction must be one of {DIRECTIONS}, got {sam_direction!r}")
+        sam_rho = check_rho(sam_rho)
         compositions = 2 if sam_method == "dpsam" else 1
         if not poisson_sampling:
             raise PrivacyConfigError(

@@ -69,3 +69,22 @@ def test_bad_model_is_refused_before_the_loader_is_read():
     with pytest.raises(PrivacyConfigError, match="BatchNorm"):
         PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=Exploding(loader.dataset, batch_size=10),
                                      noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(sam_rho=-0.1), "rho"), (dict(sam_rho=float("nan")), "rho"),
+                                          (dict(sam_method="sam"), "sam_method"),
+                                          (dict(sam_direction="up"), "sam_direction")])
+def test_bad_sam_arguments_are_refused(kwargs, match):
+    model, opt, loader = _setup()
+    with pytest.raises(PrivacyConfigError, match=match):
+        PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                                     max_grad_norm=1.0, **kwargs)
+
+
+def test_make_private_builds_the_requested_optimizer():
+    from dpsat_fast.optim import DPSAM, DPSAT
+    for kwargs, cls in ((dict(sam_rho=0.05), DPSAT), (dict(sam_rho=0.05, sam_method="dpsam"), DPSAM)):
+        model, opt, loader = _setup()
+        _, dp_opt, _ = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                                    noise_multiplier=1.0, max_grad_norm=1.0, **kwargs)
+        assert type(dp_opt) is cls and dp_opt.rho == 0.05

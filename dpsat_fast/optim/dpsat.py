@@ -33,7 +33,7 @@ from .dp_optimizer import DPOptimizer
 DIRECTIONS = ("noisy_gradient", "last_update")
 
 
-def _check_rho(rho: float) -> float:
+def check_rho(rho: float) -> float:
     if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
         raise PrivacyConfigError(f"rho (perturbation radius) must be a finite number ≥ 0, got {rho!r}")
     return float(rho)
@@ -94,7 +94,7 @@ class DPSAT(DPOptimizer):
         super().__init__(optimizer, engine=engine, **dp_kwargs)
         if direction not in DIRECTIONS:
             raise PrivacyConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        self.rho = _check_rho(rho)
+        self.rho = check_rho(rho)
         self.direction = direction
         self.perturbation: Optional[List[Tensor]] = None  # ε_t, one tensor per trainable parameter
         self._state = _Perturbation()
@@ -164,7 +164,7 @@ class DPSAM(DPOptimizer):
 
     def __init__(self, optimizer, *, engine, rho: float, **dp_kwargs):
         super().__init__(optimizer, engine=engine, **dp_kwargs)
-        self.rho = _check_rho(rho)
+        self.rho = check_rho(rho)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         if closure is None:
