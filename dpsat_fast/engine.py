@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .clipping import ClippingStyle, make_clipping
 from .layers import ModuleRecord, get_rule
-from .layers.base import Use, sum_over_uses
+from .layers.base import sum_over_uses
 from .layers.ghost import accum_dtype
 from .validation import PrivacyConfigError, validate_model
 

@@ -11,7 +11,6 @@ bar per epoch and, at the end, test accuracy and the ε spent (PLD accountant by
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Dict, List, Optional
 

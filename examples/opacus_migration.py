@@ -5,7 +5,7 @@
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from dpsat_fast import PrivacyEngine  # <- was: from opacus import PrivacyEngine
 from dpsat_fast.models import DigitsCNN

@@ -2,7 +2,7 @@
 on an untouched float64 copy of the model, and the engine's answers for the same batch."""
 
 import copy
-from typing import Callable, Dict, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import Tensor, nn

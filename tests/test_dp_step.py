@@ -14,7 +14,6 @@ from torch import nn
 from dpsat_fast.engine import BookKeepingEngine
 from dpsat_fast.ops.reference import philox_normal
 from dpsat_fast.optim import DPOptimizer
-from oracle import per_example_grads
 
 
 class TinyResNet(nn.Module):
@@ -41,8 +40,6 @@ class TinyResNet(nn.Module):
 
 def _naive_step(model, x, y, C, sigma, expected_batch, seed, offset, lr):
     """Reference DP-SGD: per-example grads (float64 loop), clip, sum, Philox noise, divide by B̄, SGD."""
-    onehot = F.one_hot(y, 4).double()
-    # ℓ_i = cross entropy; per_example_grads projects outputs, so use the loop directly here
     ref = copy.deepcopy(model).double()
     grads = {n: [] for n, _ in ref.named_parameters()}
     for i in range(x.shape[0]):

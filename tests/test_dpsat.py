@@ -6,7 +6,6 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dpsat_fast.accounting import PrivacyAccountant, compute_epsilon
 from dpsat_fast.engine import BookKeepingEngine

@@ -1,7 +1,6 @@
 """Bad input is refused before any data is touched, with an error naming the problem and the fix
 (TESTING.md item 8)."""
 
-import math
 import warnings
 
 import pytest

@@ -39,7 +39,7 @@ class DPMultiheadAttention(nn.Module):
     def from_torch(cls, mha: nn.MultiheadAttention) -> "DPMultiheadAttention":
         """Same function as ``mha``, weights copied."""
         if mha.bias_k is not None or mha.add_zero_attn:
-            raise NotImplementedError(f"cannot convert nn.MultiheadAttention with add_bias_kv/add_zero_attn")
+            raise NotImplementedError("cannot convert nn.MultiheadAttention with add_bias_kv/add_zero_attn")
         p = mha.out_proj.weight
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None, kdim=mha.kdim,
                   vdim=mha.vdim, batch_first=mha.batch_first, device=p.device, dtype=p.dtype)
