@@ -48,6 +48,8 @@ import dp_accounting
 from dp_accounting import pld as _pld
 from dp_accounting import rdp as _rdp
 
+from .validation import check_delta, check_noise_multiplier, check_sample_rate
+
 __all__ = [
     "ACCOUNTANTS",
     "RDP_ORDERS",
@@ -107,34 +109,6 @@ SIGMA_MAX: float = 1e3
 
 def _is_real_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_noise_multiplier(sigma: Any, name: str = "noise_multiplier") -> float:
-    if not _is_real_number(sigma) or not math.isfinite(float(sigma)) or float(sigma) <= 0.0:
-        raise ValueError(
-            f"{name} must be a finite number > 0 (got {sigma!r}). The noise multiplier σ is the "
-            "ratio of the Gaussian noise std to the clipping norm; σ = 0 (no noise) has no "
-            "finite ε and cannot be accounted."
-        )
-    return float(sigma)
-
-
-def _check_sample_rate(q: Any, name: str = "sample_rate") -> float:
-    if not _is_real_number(q) or not math.isfinite(float(q)) or not (0.0 < float(q) <= 1.0):
-        raise ValueError(
-            f"{name} must be a number in (0, 1] (got {q!r}). It is the Poisson sampling rate "
-            "q = expected_batch_size / dataset_size."
-        )
-    return float(q)
-
-
-def _check_delta(delta: Any, name: str = "delta") -> float:
-    if not _is_real_number(delta) or not math.isfinite(float(delta)) or not (0.0 < float(delta) < 1.0):
-        raise ValueError(
-            f"{name} must be a number in the open interval (0, 1) (got {delta!r}); "
-            "a common choice is δ < 1/dataset_size."
-        )
-    return float(delta)
 
 
 def _check_count(n: Any, name: str, minimum: int = 0) -> int:
@@ -243,10 +217,10 @@ def compute_epsilon(
     Raises:
         ValueError: on any out-of-range argument.
     """
-    sigma = _check_noise_multiplier(noise_multiplier)
-    q = _check_sample_rate(sample_rate)
+    sigma = check_noise_multiplier(noise_multiplier)
+    q = check_sample_rate(sample_rate)
     steps = _check_count(steps, "steps", 0)
-    delta = _check_delta(delta)
+    delta = check_delta(delta)
     accountant = _check_accountant(accountant)
     k = _check_count(compositions_per_step, "compositions_per_step", 1)
     if steps == 0:
@@ -378,8 +352,8 @@ def calibrate_noise_multiplier(
             σ ∈ [SIGMA_MIN, SIGMA_MAX] (the message says what to change).
     """
     target = _check_epsilon(target_epsilon)
-    delta = _check_delta(delta)
-    q = _check_sample_rate(sample_rate)
+    delta = check_delta(delta)
+    q = check_sample_rate(sample_rate)
     steps = _check_count(steps, "steps", 1)
     accountant = _check_accountant(accountant)
     k = _check_count(compositions_per_step, "compositions_per_step", 1)
@@ -445,8 +419,8 @@ class PrivacyAccountant:
 
         ``num_compositions`` is 1 for DP-SGD / DP-SAT and 2 for DP-SAM.
         """
-        sigma = _check_noise_multiplier(noise_multiplier)
-        q = _check_sample_rate(sample_rate)
+        sigma = check_noise_multiplier(noise_multiplier)
+        q = check_sample_rate(sample_rate)
         k = _check_count(num_compositions, "num_compositions", 1)
         if self._history and self._history[-1][0] == sigma and self._history[-1][1] == q:
             self._history[-1][2] = int(self._history[-1][2]) + k
@@ -473,7 +447,7 @@ class PrivacyAccountant:
     # -- querying ----------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at the given δ ∈ (0, 1) (0.0 before any step)."""
-        delta = _check_delta(delta)
+        delta = check_delta(delta)
         if not self._history:
             return 0.0
         entries = tuple((float(s), float(q), int(c)) for s, q, c in self._history)
@@ -505,8 +479,8 @@ class PrivacyAccountant:
         for i, entry in enumerate(state_dict["history"]):
             if not isinstance(entry, (list, tuple)) or len(entry) != 3:
                 raise ValueError(f"state_dict['history'][{i}] must be [sigma, q, count] (got {entry!r}).")
-            sigma = _check_noise_multiplier(entry[0], f"state_dict['history'][{i}][0] (noise_multiplier)")
-            q = _check_sample_rate(entry[1], f"state_dict['history'][{i}][1] (sample_rate)")
+            sigma = check_noise_multiplier(entry[0], name=f"state_dict['history'][{i}][0] (noise_multiplier)")
+            q = check_sample_rate(entry[1], name=f"state_dict['history'][{i}][1] (sample_rate)")
             count = _check_count(entry[2], f"state_dict['history'][{i}][2] (count)", 1)
             history.append([sigma, q, count])
         self.mechanism = mechanism

@@ -32,6 +32,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data import default_collate
 
+from .validation import check_sample_rate
+
 __all__ = [
     "PoissonBatchSampler",
     "PoissonDataLoader",
@@ -43,20 +45,6 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------
-
-
-def _check_sample_rate(q: Any, name: str = "sample_rate") -> float:
-    if (
-        not isinstance(q, numbers.Real)
-        or isinstance(q, bool)
-        or not math.isfinite(float(q))
-        or not (0.0 < float(q) <= 1.0)
-    ):
-        raise ValueError(
-            f"{name} must be a number in (0, 1] (got {q!r}); it is the Poisson sampling rate "
-            "q = expected_batch_size / dataset_size."
-        )
-    return float(q)
 
 
 def _check_positive_int(n: Any, name: str) -> int:
@@ -101,7 +89,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         self.num_samples: int = _check_positive_int(num_samples, "num_samples")
-        self.sample_rate: float = _check_sample_rate(sample_rate)
+        self.sample_rate: float = check_sample_rate(sample_rate)
         if steps is None:
             steps = max(1, round(1.0 / self.sample_rate))
         self.steps: int = _check_positive_int(steps, "steps")
@@ -239,7 +227,7 @@ class PoissonDataLoader(DataLoader):
                 )
             q = float(expected_batch_size) / n
         else:
-            q = _check_sample_rate(sample_rate)
+            q = check_sample_rate(sample_rate)
         sampler = PoissonBatchSampler(n, q, steps=steps, generator=generator)
         super().__init__(
             dataset,

@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from .accounting import PrivacyAccountant, calibrate_noise_multiplier
 from .data import PoissonDataLoader, split_micro_batches
-from .engine import BookKeepingEngine
 from .models import DigitsCNN
-from .optim import DPSAM, DPSAT, DPOptimizer
+from .optim import DPSAT
+from .privacy_engine import PrivacyEngine
 from .validation import check_delta
 
 
@@ -82,32 +81,25 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
     torch.manual_seed(args.seed)
     train_set, test_set = load_digits_split(args.seed)
     n = len(train_set)
-    check_delta(args.delta, n)
     sample_rate = args.batch_size / n
     steps_per_epoch = int(round(1 / sample_rate))
     total_steps = args.epochs * steps_per_epoch
-    if args.noise_multiplier is None:
-        sigma = calibrate_noise_multiplier(args.target_epsilon, args.delta, sample_rate, total_steps,
-                                           accountant=args.accountant,
-                                           compositions_per_step=2 if args.method == "dpsam" else 1)
-    else:
-        sigma = args.noise_multiplier
-
     model = DigitsCNN()
-    engine = BookKeepingEngine(model, max_grad_norm=args.max_grad_norm, loss_reduction="sum")
     base = (torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum) if args.optimizer == "sgd"
             else torch.optim.Adam(model.parameters(), lr=args.lr))
-    accountant = PrivacyAccountant(args.accountant)
-    common = dict(engine=engine, noise_multiplier=sigma, expected_batch_size=sample_rate * n, seed=args.seed,
-                  accountant=accountant, sample_rate=sample_rate)
-    if args.method == "dpsat":
-        optimizer = DPSAT(base, rho=args.rho, **common)
-    elif args.method == "dpsam":
-        optimizer = DPSAM(base, rho=args.rho, **common)
-    else:
-        optimizer = DPOptimizer(base, **common)
     loader = PoissonDataLoader(train_set, sample_rate=sample_rate, steps=steps_per_epoch,
                                generator=torch.Generator().manual_seed(args.seed + 1))
+    if args.noise_multiplier is None:
+        budget = dict(target_epsilon=args.target_epsilon, target_delta=args.delta, epochs=args.epochs)
+    else:
+        check_delta(args.delta, n)
+        budget = dict(noise_multiplier=args.noise_multiplier)
+    privacy_engine = PrivacyEngine(args.accountant)
+    model, optimizer, loader = privacy_engine.make_private(
+        module=model, optimizer=base, data_loader=loader, max_grad_norm=args.max_grad_norm, loss_reduction="sum",
+        seed=args.seed, sam_rho=0.0 if args.method == "dpsgd" else args.rho,
+        sam_method="dpsam" if args.method == "dpsam" else "dpsat", **budget)
+    engine, accountant, sigma = privacy_engine.engine, privacy_engine.accountant, optimizer.noise_multiplier
     print(f"{METHOD_NAMES[args.method]} on digits: N={n}, q={sample_rate:.4f}, steps={total_steps}, σ={sigma:.4f}, "
           f"C={args.max_grad_norm}, δ={args.delta:g}, {sum(p.numel() for p in engine.params)} parameters")
     start = time.perf_counter()

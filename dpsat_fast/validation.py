@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import warnings
 from typing import List, Optional
 
@@ -84,30 +85,42 @@ def fix_model(module: nn.Module, max_groups: int = 32) -> nn.Module:
     return module
 
 
-def check_noise_multiplier(noise_multiplier: float, allow_zero: bool = False) -> None:
-    if not isinstance(noise_multiplier, (int, float)) or not math.isfinite(noise_multiplier) \
-            or noise_multiplier < 0 or (noise_multiplier == 0 and not allow_zero):
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def check_noise_multiplier(noise_multiplier, allow_zero: bool = False, name: str = "noise_multiplier") -> float:
+    """σ: finite and > 0 (σ = 0 only with ``allow_zero``, the explicit non-private switch)."""
+    if not _is_real(noise_multiplier) or noise_multiplier < 0 or (noise_multiplier == 0 and not allow_zero):
         raise PrivacyConfigError(
-            f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}"
-            + ("; σ = 0 (no privacy) needs the explicit switch allow_non_private=True" if noise_multiplier == 0 else ""))
+            f"{name} must be a finite number > 0, got {noise_multiplier!r}; σ is the ratio of the noise std to the "
+            f"clipping norm" + ("; σ = 0 gives no privacy and cannot be accounted (optimizers accept it only with "
+                                "allow_non_private=True)" if _is_real(noise_multiplier) and noise_multiplier == 0
+                                else ""))
+    return float(noise_multiplier)
 
 
-def check_max_grad_norm(max_grad_norm: float) -> None:
-    if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+def check_max_grad_norm(max_grad_norm) -> float:
+    if not _is_real(max_grad_norm) or max_grad_norm <= 0:
         raise PrivacyConfigError(f"max_grad_norm (clipping norm C) must be a finite number > 0, got {max_grad_norm!r}")
+    return float(max_grad_norm)
 
 
-def check_sample_rate(sample_rate: float) -> None:
-    if not isinstance(sample_rate, (int, float)) or not (0 < sample_rate <= 1):
-        raise PrivacyConfigError(f"sample_rate q must be in (0, 1], got {sample_rate!r}")
+def check_sample_rate(sample_rate, name: str = "sample_rate") -> float:
+    if not _is_real(sample_rate) or not (0 < sample_rate <= 1):
+        raise PrivacyConfigError(f"{name} must be a number in (0, 1], got {sample_rate!r}; it is the Poisson "
+                                 f"sampling rate q = expected_batch_size / dataset_size")
+    return float(sample_rate)
 
 
-def check_delta(delta: float, num_samples: Optional[int] = None) -> None:
-    if not isinstance(delta, (int, float)) or not (0 < delta < 1):
-        raise PrivacyConfigError(f"delta must be in (0, 1), got {delta!r}")
+def check_delta(delta, num_samples: Optional[int] = None, name: str = "delta") -> float:
+    if not _is_real(delta) or not (0 < delta < 1):
+        raise PrivacyConfigError(f"{name} must be a number in the open interval (0, 1), got {delta!r}; a common "
+                                 f"choice is δ ≪ 1/dataset_size")
     if num_samples is not None and delta > 1.0 / num_samples:
         warnings.warn(f"delta={delta:g} is larger than 1/N = {1.0 / num_samples:g}: such a δ allows releasing "
                       f"an example outright; use δ ≪ 1/N", stacklevel=3)
+    return float(delta)
 
 
 __all__ = ["PrivacyConfigError", "model_problems", "validate_model", "fix_model", "DPMultiheadAttention",
