@@ -10,8 +10,11 @@ output gradient, or the small per-example gradients of norm layers). When the ba
 3. writes the clipped sum ``Σ_i c_i G_i`` (one GEMM with a per-row scale per layer) into
    :attr:`BookKeepingEngine.summed_grads`, accumulating over backward passes (micro-batches).
 
-The DP optimizer consumes ``summed_grads`` once per logical step, adds the noise and divides by the
-public expected batch size. A parameter used by several modules (tied weights) is handled exactly by
+The DP optimizer consumes ``summed_grads`` once per logical step and divides by the public expected batch
+size. The Gaussian noise is added exactly once per parameter and step: when an optimizer has registered a
+:attr:`noise_planner`, the first backward of a step adds it in the epilogue of the clipped-sum kernels (the
+offsets the optimizer would use itself, so the bits are the same either way); otherwise the optimizer adds
+it when it releases the gradient. A parameter used by several modules (tied weights) is handled exactly by
 summing materialized per-example gradients over its owners.
 """
 
@@ -19,16 +22,28 @@ from __future__ import annotations
 
 import types
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .clipping import ClippingStyle, make_clipping
+from . import ops
 from .layers import ModuleRecord, get_rule
+from .layers.base import NoiseRequest
 from .layers.base import sum_over_uses
-from .layers.ghost import accum_dtype
+from .ops.torch_impl import accum_dtype
 from .validation import PrivacyConfigError, validate_model
+
+
+@dataclass
+class NoisePlan:
+    """The noise of the coming release: ``std · ξ`` with ``ξ[j] = tl.randn(seed, offsets[p] + j)`` for parameter p."""
+
+    seed: int
+    std: float
+    offsets: Dict[nn.Parameter, int]
 
 
 class _PrivateForward:
@@ -74,6 +89,9 @@ class BookKeepingEngine:
         self.summed_grads: Dict[nn.Parameter, Tensor] = {}
         self.last_sq_norms: Dict[str, Tensor] = {}
         self.last_batch_size = 0
+        #: set by a DP optimizer: returns the noise plan of its next release (None: the sums stay noise-free)
+        self.noise_planner: Optional[Callable[[], NoisePlan]] = None
+        self._noised: Dict[nn.Parameter, Tuple[int, int, float]] = {}
         self._callback_queued = False
         self._patched: List[Tuple[nn.Module, Optional[object]]] = []
         self._hook_handles = []
@@ -190,19 +208,28 @@ class BookKeepingEngine:
         scales = self.clipping.scales(sq)
         self.last_sq_norms = sq
         self.last_batch_size = B
+        plan = self.noise_planner() if self.noise_planner is not None else None
         for r in records:
             names = self._own_names[id(r)]
             if not names:
                 continue
             key = self.param_keys[getattr(r.module, names[0])]
-            sums = r.rule.clipped_sums(r, r.uses, scales[key] * factor, names)
+            request = self._noise_request(plan, {pn: getattr(r.module, pn) for pn in names})
+            sums, noised = r.rule.clipped_sums(r, r.uses, scales[key] * factor, names, request)
             for pn, s in sums.items():
-                self._accumulate(getattr(r.module, pn), s)
+                self._accumulate(getattr(r.module, pn), s, request, pn, pn in noised)
         for pid, pe in shared_grads.items():
             rec, pn = self._shared[pid][0]
             p = getattr(rec.module, pn)
             s = torch.tensordot(scales[self.param_keys[p]].to(pe.dtype) * factor, pe, dims=1)
-            self._accumulate(p, s)
+            self._accumulate(p, s, self._noise_request(plan, {pn: p}), pn, False)
+
+    def _noise_request(self, plan: Optional[NoisePlan], params: Dict[str, nn.Parameter]) -> Optional[NoiseRequest]:
+        """Noise for the parameters whose first clipped sum of the step this is."""
+        if plan is None:
+            return None
+        offsets = {pn: plan.offsets[p] for pn, p in params.items() if p in plan.offsets and p not in self.summed_grads}
+        return NoiseRequest(plan.seed, plan.std, offsets) if offsets else None
 
     def _drop_examples(self, records: List[ModuleRecord], bad: Tensor) -> None:
         """Non-finite examples contribute zero: zero their rows in every recorded tensor."""
@@ -211,21 +238,33 @@ class BookKeepingEngine:
                                                                                       device=t.device), t)
                        for k, t in u.items()} for u in r.uses]
 
-    def _accumulate(self, p: nn.Parameter, s: Tensor) -> None:
+    def _accumulate(self, p: nn.Parameter, s: Tensor, request: Optional[NoiseRequest], name: str,
+                    noised: bool) -> None:
         s = s.reshape(p.shape).to(accum_dtype(p))
+        if request is not None and name in request.offsets:
+            if not noised:  # the rule could not fuse it: add the same noise here
+                s = s.contiguous()
+                ops.add_noise_and_scale_(s, request.seed, request.offsets[name], request.std, 1.0)
+            self._noised[p] = (request.seed, request.offsets[name], request.std)
         prev = self.summed_grads.get(p)
         self.summed_grads[p] = s if prev is None else prev.add_(s)
 
     # -- for the optimizer -----------------------------------------------------------------------
-    def pop_summed_grad(self, p: nn.Parameter) -> Tensor:
-        """The clipped sum accumulated for ``p`` since the last call (zeros if it got none), in fp32/fp64."""
+    def take_summed_grad(self, p: nn.Parameter) -> Tuple[Tensor, Optional[Tuple[int, int, float]]]:
+        """The clipped sum accumulated for ``p`` since the last call (zeros if it got none), in fp32/fp64, and
+        the (seed, offset, std) of the noise already in it (None if none is)."""
         s = self.summed_grads.pop(p, None)
         if s is None:
             s = torch.zeros(p.shape, dtype=accum_dtype(p), device=p.device)
-        return s
+        return s, self._noised.pop(p, None)
+
+    def pop_summed_grad(self, p: nn.Parameter) -> Tensor:
+        """:meth:`take_summed_grad` without the noise record."""
+        return self.take_summed_grad(p)[0]
 
     def clear(self) -> None:
-        """Drop accumulated clipped sums and unconsumed records."""
+        """Drop accumulated clipped sums (with any noise already in them) and unconsumed records."""
         self.summed_grads.clear()
+        self._noised.clear()
         for r in self.records:
             r.clear()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dpsat_fast.layers import DPMultiheadAttention
-from dpsat_fast.layers.ghost import choose_route
+from dpsat_fast.ops import choose_route
 from oracle import assert_matches_reference
 
 DTYPES = [torch.float64, torch.float32]

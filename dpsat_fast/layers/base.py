@@ -7,7 +7,7 @@ A rule replaces the forward of a supported module with a custom autograd functio
   output gradient ``g``) to the module's :class:`ModuleRecord`, one entry per use of the module.
 
 After the backward the engine asks the rule, per parameter, for per-example squared norms and for the
-clipped sum ``Σ_i s_i G_i``. All tensors in a use have the batch as leading dimension, so the engine can
+clipped sum ``Σ_i s_i G_i``, optionally with the DP noise added in the same pass (:class:`NoiseRequest`). All tensors in a use have the batch as leading dimension, so the engine can
 zero the rows of non-finite examples uniformly. A module used several times in one forward gets one
 use per call; rules combine uses exactly (the per-example gradient is the sum over uses).
 """
@@ -15,12 +15,34 @@ use per call; rules combine uses exactly (the per-example gradient is the sum ov
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
 Use = Dict[str, Tensor]
+
+
+@dataclass
+class NoiseRequest:
+    """Add ``std · ξ`` to the clipped sum of parameter ``name``, ``ξ[j] = tl.randn(seed, offsets[name] + j)``
+    in row-major order of the parameter (the DP optimizer's noise, fused into the sum's epilogue)."""
+
+    seed: int
+    std: float
+    offsets: Dict[str, int]
+
+    def covers(self, names: Sequence[str]) -> bool:
+        """Noise is requested for every one of ``names`` (kernels that write several parameters at once fuse
+        only then; otherwise the engine adds the noise afterwards)."""
+        return all(n in self.offsets for n in names)
+
+
+NO_NOISE = NoiseRequest(0, 0.0, {})
+
+
+ClippedSums = Tuple[Dict[str, Tensor], Set[str]]
 
 
 class ModuleRecord:
@@ -67,11 +89,12 @@ class LayerRule:
         grads = self.per_example_grads(record, uses, names)
         return {n: grads[n].flatten(1).pow(2).sum(1) for n in names}
 
-    def clipped_sums(self, record: ModuleRecord, uses: List[Use], scale: Tensor,
-                     names: Sequence[str]) -> Dict[str, Tensor]:
-        """``{name: Σ_i scale_i G_i}`` with ``scale`` of shape [B]."""
+    def clipped_sums(self, record: ModuleRecord, uses: List[Use], scale: Tensor, names: Sequence[str],
+                     noise: Optional[NoiseRequest] = None) -> ClippedSums:
+        """``{name: Σ_i scale_i G_i}`` with ``scale`` of shape [B], and the names whose sum already carries the
+        requested noise (the engine adds it to the others)."""
         grads = self.per_example_grads(record, uses, names)
-        return {n: torch.tensordot(scale.to(grads[n].dtype), grads[n], dims=1) for n in names}
+        return {n: torch.tensordot(scale.to(grads[n].dtype), grads[n], dims=1) for n in names}, set()
 
 
 def as_batch_positions_features(t: Tensor) -> Tensor:

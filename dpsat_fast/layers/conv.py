@@ -3,45 +3,23 @@
 For group k the layer is a matrix product on unfolded patches: ``a_i ∈ R^{T×D_k}`` with T output positions
 and ``D_k = (C_in/groups)·∏kernel``, ``g_i ∈ R^{T×P_k}`` with ``P_k = C_out/groups``; the per-example weight
 gradient of the group is ``g_iᵀ a_i`` and ``‖∂W_i‖² = Σ_k ‖g_{i,k}ᵀ a_{i,k}‖²`` (DESIGN.md §2.3). Every group
-is counted: treating a grouped conv as dense gives wrong norms. The clipped sum never unfolds: it is
-the convolution weight-gradient of the per-example-scaled output gradient.
+is counted: treating a grouped conv as dense gives wrong norms. Norms and clipped noisy sums are the ops
+``conv_weight_sq_norms`` / ``conv_clipped_sum_with_noise`` (Triton with implicit im2col on CUDA, convolution
+weight-gradients on CPU); a module used several times in one forward is handled exactly in PyTorch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ghost
-from .base import LayerRule, ModuleRecord, Use, sum_over_uses
-
-
-def unfold_patches(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                   dilation: Sequence[int], groups: int) -> Tensor:
-    """im2col for N-d convolution: x [B, C, *S] -> [B, groups, (C/groups)·∏k, T] (weight layout order).
-
-    1-D and 2-D go through F.unfold (one optimized im2col, no intermediate copies); 3-D through strided
-    windows and one copy."""
-    n = len(kernel_size)
-    B, C = x.shape[:2]
-    if n == 2:
-        cols = F.unfold(x, tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride))  # [B, C·K, T]
-    elif n == 1:
-        cols = F.unfold(x.unsqueeze(2), (1, kernel_size[0]), (1, dilation[0]), (0, padding[0]), (1, stride[0]))
-    else:
-        if any(padding):
-            x = F.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
-        for d in range(n):
-            x = x.unfold(2 + d, dilation[d] * (kernel_size[d] - 1) + 1, stride[d])  # appends a window dim
-        x = x[(slice(None),) * (2 + n) + tuple(slice(None, None, dl) for dl in dilation)]  # [B, C, *T, *k]
-        perm = (0, 1) + tuple(range(2 + n, 2 + 2 * n)) + tuple(range(2, 2 + n))
-        T = math.prod(x.shape[2:2 + n])
-        cols = x.permute(perm).reshape(B, C * math.prod(kernel_size), T)
-    return cols.view(B, groups, cols.shape[1] // groups, cols.shape[2])
+from .. import ops
+from ..ops import torch_impl
+from .base import NO_NOISE, LayerRule, ModuleRecord, NoiseRequest, Use, sum_over_uses
 
 
 class _ConvFunction(torch.autograd.Function):
@@ -100,93 +78,68 @@ class ConvRule(LayerRule):
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
-    def _patches_and_grads(record, uses: List[Use]):
-        """Unfolded inputs [B·G, T, D_k] and output grads [B·G, T, P_k] (transposed views of feature-major
-        tensors: no copies), several uses concatenated along T."""
+    def _args(record) -> tuple:
         stride, padding, dilation, groups = record.geometry
-        ks = record.module.weight.shape[2:]
-        a_parts, g_parts = [], []
-        for u in uses:
-            a_parts.append(unfold_patches(u["x"], ks, stride, padding, dilation, groups))  # [B, G, D_k, T]
-            g = u["g"]
-            g_parts.append(g.reshape(g.shape[0], groups, g.shape[1] // groups, math.prod(g.shape[2:])))  # [B, G, P_k, T]
-        a = torch.cat(a_parts, 3) if len(a_parts) > 1 else a_parts[0]
-        g = torch.cat(g_parts, 3) if len(g_parts) > 1 else g_parts[0]
-        B, G = a.shape[:2]
-        return (a.reshape(B * G, a.shape[2], a.shape[3]).transpose(1, 2),
-                g.reshape(B * G, g.shape[2], g.shape[3]).transpose(1, 2), B, G)
+        return tuple(record.module.weight.shape), stride, padding, dilation, groups
 
     @staticmethod
     def _bias_grads(uses: List[Use]) -> Tensor:
-        return sum_over_uses([u["g"].to(ghost.accum_dtype(u["g"])).flatten(2).sum(2) for u in uses])
+        return sum_over_uses([torch_impl.conv_bias_per_example_grads(u["g"]) for u in uses])
 
-    @staticmethod
-    def _grouped_weight_grads(record, uses: List[Use], sl: slice) -> Tensor:
-        """Per-example weight gradients [b, *weight.shape] of examples ``sl``, summed over uses, as ONE
-        convolution weight-gradient with the batch folded into the groups (no unfold)."""
-        stride, padding, dilation, groups = record.geometry
-        w = record.module.weight
-        n = w.dim() - 2
-        out = None
-        for u in uses:
-            x, g = u["x"][sl], u["g"][sl]
-            dt, b = ghost.accum_dtype(x), x.shape[0]
-            if b == 0:
-                return torch.zeros((0,) + tuple(w.shape), dtype=dt, device=w.device)
-            pe = torch.ops.aten.convolution_backward(
-                g.to(dt).reshape(1, b * g.shape[1], *g.shape[2:]), x.to(dt).reshape(1, b * x.shape[1], *x.shape[2:]),
-                torch.zeros((b * w.shape[0],) + tuple(w.shape[1:]), dtype=dt, device=w.device), None, stride,
-                padding, dilation, False, [0] * n, b * groups, [False, True, False])[1]
-            pe = pe.view((b,) + tuple(w.shape))
-            out = pe if out is None else out + pe
-        return out
-
-    def _route(self, record, uses: List[Use]) -> str:
-        if self.route is not None:
-            return self.route
-        w, groups = record.module.weight, record.geometry[3]
-        T = sum(math.prod(u["g"].shape[2:]) for u in uses)
-        return ghost.choose_route(T, w[0].numel(), w.shape[0] // groups)
+    def _weight_grads(self, record, uses: List[Use], sl: slice = slice(None)) -> Tensor:
+        return sum_over_uses([torch_impl.conv_per_example_grads(u["x"][sl], u["g"][sl], *self._args(record))
+                              for u in uses])
 
     # -- rule ----------------------------------------------------------------------------------
     def sq_norms(self, record, uses, names) -> Dict[str, Tensor]:
-        out = {}
-        if "weight" in names:
-            if self._route(record, uses) == "instantiate":
-                B, per_example = uses[0]["x"].shape[0], record.module.weight.numel()
-                parts = [self._grouped_weight_grads(record, uses, sl).flatten(1).pow(2).sum(1)
-                         for sl in ghost.batch_chunks(B, per_example)]
-                out["weight"] = torch.cat(parts) if len(parts) != 1 else parts[0]
-            else:
-                a, g, B, G = self._patches_and_grads(record, uses)
-                out["weight"] = ghost.sq_norms_ghost(a, g).view(B, G).sum(1)
-        if "bias" in names:
+        shape, stride, padding, dilation, groups = self._args(record)
+        with_bias = "bias" in names
+        if "weight" not in names:
+            return {"bias": self._bias_grads(uses).pow(2).sum(1)}
+        if len(uses) == 1:
+            w, b = ops.conv_weight_sq_norms(uses[0]["x"], uses[0]["g"], shape, stride, padding, dilation, groups,
+                                            self.route, with_bias=with_bias)
+            return {"weight": w, "bias": b} if with_bias else {"weight": w}
+        # one module used several times: the per-example gradient is the sum over uses (cross terms)
+        B = uses[0]["x"].shape[0]
+        T = sum(math.prod(u["g"].shape[2:]) for u in uses)
+        route = self.route or ops.choose_route(T, math.prod(shape[1:]), shape[0] // groups)
+        if route == "instantiate":
+            parts = [self._weight_grads(record, uses, sl).flatten(1).pow(2).sum(1)
+                     for sl in torch_impl.batch_chunks(B, math.prod(shape))]
+            out = {"weight": torch.cat(parts) if len(parts) != 1 else parts[0]}
+        else:
+            a, g = torch_impl.conv_patches_and_grads([u["x"] for u in uses], [u["g"] for u in uses], shape[2:],
+                                                     stride, padding, dilation, groups)
+            out = {"weight": torch_impl.sq_norms_ghost(a, g).view(B, groups).sum(1)}
+        if with_bias:
             out["bias"] = self._bias_grads(uses).pow(2).sum(1)
         return out
 
-    def clipped_sums(self, record, uses, scale, names) -> Dict[str, Tensor]:
-        stride, padding, dilation, groups = record.geometry
-        out = {}
-        if "weight" in names:
-            weight = record.module.weight.detach()
-            n = weight.dim() - 2
-            parts = []
-            for u in uses:
-                dt = ghost.accum_dtype(u["x"])
-                g = u["g"].to(dt) * scale.to(dt).view(-1, *([1] * (n + 1)))
-                parts.append(torch.ops.aten.convolution_backward(
-                    g, u["x"].to(dt), weight.to(dt), None, stride, padding, dilation, False,
-                    [0] * n, groups, [False, True, False])[1])
-            out["weight"] = sum_over_uses(parts)
-        if "bias" in names:
+    def clipped_sums(self, record, uses, scale, names, noise: Optional[NoiseRequest] = None):
+        if "weight" not in names:
             bias = self._bias_grads(uses)
-            out["bias"] = bias.t().mv(scale.to(bias.dtype))
-        return out
+            return {"bias": bias.t().mv(scale.to(bias.dtype))}, set()
+        if noise is None or not noise.covers(names):
+            noise = NO_NOISE
+        with_bias = "bias" in names
+        w_parts, b_parts = [], []
+        for k, u in enumerate(uses):
+            use_noise = noise if k == 0 else NO_NOISE  # the noise goes into the sum once
+            w, b = ops.conv_clipped_sum_with_noise(u["x"], u["g"], scale, *self._args(record), with_bias,
+                                                   use_noise.seed, use_noise.offsets.get("weight", 0),
+                                                   use_noise.offsets.get("bias", 0), use_noise.std)
+            w_parts.append(w)
+            b_parts.append(b)
+        out = {"weight": sum_over_uses(w_parts)}
+        if with_bias:
+            out["bias"] = sum_over_uses(b_parts)
+        return out, set(noise.offsets) & set(names)
 
     def per_example_grads(self, record, uses, names) -> Dict[str, Tensor]:
         out = {}
         if "weight" in names:
-            out["weight"] = self._grouped_weight_grads(record, uses, slice(None))
+            out["weight"] = self._weight_grads(record, uses)
         if "bias" in names:
             out["bias"] = self._bias_grads(uses)
         return out

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ghost
+from ..ops.torch_impl import accum_dtype
 from .base import LayerRule, ModuleRecord, Use, as_batch_positions_features
 
 
@@ -56,7 +56,7 @@ class EmbeddingRule(LayerRule):
     def _flat(record: ModuleRecord, uses: List[Use]):
         idx = torch.cat([u["idx"] for u in uses], 1)  # [B, T]
         g = torch.cat([u["g"] for u in uses], 1)  # [B, T, D]
-        g = g.to(ghost.accum_dtype(g))
+        g = g.to(accum_dtype(g))
         pad = record.module.padding_idx
         if pad is not None:
             g = g * (idx != pad).unsqueeze(-1).to(g.dtype)
@@ -75,12 +75,12 @@ class EmbeddingRule(LayerRule):
         out.index_add_(0, unique // V, rows.pow(2).sum(1))
         return {"weight": out}
 
-    def clipped_sums(self, record, uses, scale, names) -> Dict[str, Tensor]:
+    def clipped_sums(self, record, uses, scale, names, noise=None):
         idx, g = self._flat(record, uses)
         weight = record.module.weight
         out = torch.zeros(weight.shape, dtype=g.dtype, device=g.device)
         out.index_add_(0, idx.reshape(-1), (g * scale.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1]))
-        return {"weight": out}
+        return {"weight": out}, set()
 
     def per_example_grads(self, record, uses, names) -> Dict[str, Tensor]:
         idx, g = self._flat(record, uses)

@@ -7,14 +7,15 @@ gives the exact per-example gradient of a reused layer (cross terms included).
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ghost
-from .base import LayerRule, ModuleRecord, Use, as_batch_positions_features
+from .. import ops
+from ..ops import torch_impl
+from .base import NO_NOISE, LayerRule, ModuleRecord, NoiseRequest, Use, as_batch_positions_features
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -42,7 +43,7 @@ class LinearRule(LayerRule):
     module_types = (nn.Linear,)
 
     def __init__(self, route: str | None = None):
-        self.route = route  # None: cheapest per layer (ghost.choose_route)
+        self.route = route  # None: per layer (measured on CUDA, FLOP model elsewhere)
 
     def forward(self, module: nn.Linear, record: ModuleRecord, x: Tensor) -> Tensor:
         if x.dim() < 2:
@@ -52,27 +53,27 @@ class LinearRule(LayerRule):
 
     def sq_norms(self, record, uses, names) -> Dict[str, Tensor]:
         a, g = _cat_uses(uses)
-        out = {}
-        if "weight" in names:
-            out["weight"] = ghost.weight_sq_norms(a, g, self.route)
-        if "bias" in names:
-            out["bias"] = ghost.bias_per_example_grads(g).pow(2).sum(1)
-        return out
+        if "weight" not in names:
+            return {"bias": torch_impl.bias_per_example_grads(g).pow(2).sum(1)}
+        w, b = ops.linear_weight_sq_norms(a, g, self.route, with_bias="bias" in names)
+        return {"weight": w, "bias": b} if b is not None else {"weight": w}
 
-    def clipped_sums(self, record, uses, scale, names) -> Dict[str, Tensor]:
+    def clipped_sums(self, record, uses, scale, names, noise: Optional[NoiseRequest] = None):
         a, g = _cat_uses(uses)
-        out = {}
-        if "weight" in names:
-            out["weight"] = ghost.weight_clipped_sum(a, g, scale)
-        if "bias" in names:
-            out["bias"] = ghost.bias_per_example_grads(g).t().mv(scale.to(ghost.accum_dtype(g)))
-        return out
+        if "weight" not in names:
+            return {"bias": torch_impl.bias_per_example_grads(g).t().mv(scale.to(torch_impl.accum_dtype(g)))}, set()
+        if noise is None or not noise.covers(names):
+            noise = NO_NOISE
+        with_bias = "bias" in names
+        w, b = ops.linear_clipped_sum_with_noise(a, g, scale, with_bias, noise.seed, noise.offsets.get("weight", 0),
+                                                 noise.offsets.get("bias", 0), noise.std)
+        return ({"weight": w, "bias": b} if with_bias else {"weight": w}), set(noise.offsets) & set(names)
 
     def per_example_grads(self, record, uses: List[Use], names: Sequence[str]) -> Dict[str, Tensor]:
         a, g = _cat_uses(uses)
         out = {}
         if "weight" in names:
-            out["weight"] = ghost.weight_per_example_grads(a, g)
+            out["weight"] = torch_impl.weight_per_example_grads(a, g)
         if "bias" in names:
-            out["bias"] = ghost.bias_per_example_grads(g)
+            out["bias"] = torch_impl.bias_per_example_grads(g)
         return out

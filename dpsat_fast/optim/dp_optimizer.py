@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import ops
-from ..engine import BookKeepingEngine
+from ..engine import BookKeepingEngine, NoisePlan
 from ..validation import PrivacyConfigError, check_noise_multiplier, check_sample_rate
 
 
@@ -70,6 +70,7 @@ class DPOptimizer(Optimizer):
         self.noise_seed = int(seed) if seed is not None else secrets.randbits(63)
         self.noise_offset = 0
         self.steps = 0
+        engine.noise_planner = self.noise_plan
 
     # -- torch.optim.Optimizer surface, shared with the wrapped optimizer -------------------------
     @property
@@ -112,18 +113,34 @@ class DPOptimizer(Optimizer):
         """Std of the Gaussian noise added to the clipped sum: σ · sensitivity."""
         return self.noise_multiplier * self.engine.clipping.sensitivity
 
+    def noise_plan(self) -> NoisePlan:
+        """The noise of the next release: parameter p (in param_groups order) gets the Philox counters
+        ``[offset_p, offset_p + p.numel())`` after those of all earlier releases. The engine adds it in its
+        first backward of the step when it can fuse it; :meth:`privatize_gradients` adds the rest."""
+        offsets, offset = {}, self.noise_offset
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    offsets[p] = offset
+                    offset += p.numel()
+        return NoisePlan(self.noise_seed, self.noise_std, offsets)
+
     def privatize_gradients(self) -> None:
         """Turn the engine's accumulated clipped sums into ``p.grad = (sum + σC·ξ) / B̄`` for every trainable
         parameter, consuming the sums. Called once per logical step by :meth:`step`."""
-        std, inv_batch = self.noise_std, 1.0 / self.expected_batch_size
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                g = self.engine.pop_summed_grad(p)
-                ops.add_noise_and_scale_(g, self.noise_seed, self.noise_offset, std, inv_batch)
-                self.noise_offset += g.numel()
-                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+        plan, inv_batch = self.noise_plan(), 1.0 / self.expected_batch_size
+        for p, offset in plan.offsets.items():
+            g, noise_in_sum = self.engine.take_summed_grad(p)
+            if noise_in_sum is None:
+                ops.add_noise_and_scale_(g, plan.seed, offset, plan.std, inv_batch)
+            elif noise_in_sum == (plan.seed, offset, plan.std):
+                g.mul_(inv_batch)
+            else:
+                raise RuntimeError(f"the noise added during the backward {noise_in_sum} is not the noise of this "
+                                   f"release {(plan.seed, offset, plan.std)}: noise_multiplier, the seed or the "
+                                   f"parameters changed between backward and step()")
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+        self.noise_offset += sum(p.numel() for p in plan.offsets)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """One logical step: run ``closure`` (forward + backward of all micro-batches) if given, add noise once,
