@@ -5,6 +5,7 @@ model's real shape, random labels, cross-entropy with reduction "mean"). Provide
 
 - ``nonprivate``    plain PyTorch.
 - ``dpsat_fast``    this project's book-keeping engine + DPOptimizer (ghost norms, one backward).
+- ``dpsat_fast_sat``  the same with the DP-SAT optimizer (ρ = ``--rho``): perturb, forward/backward, restore.
 - ``opacus_hooks``  Opacus 1.6 ``grad_sample_mode="hooks"``: materialized per-sample gradients.
 - ``opacus_ghost``  Opacus 1.6 ``grad_sample_mode="ghost"``: fast gradient / ghost clipping, two backwards.
 - ``torch_func``    ``vmap(grad(functional_call))`` per-sample gradients, flat clip, sum, Gaussian noise.
@@ -63,7 +64,7 @@ from dpsat_fast.models import INPUT_SHAPES, MODELS, NUM_CLASSES, build_model
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-PROVIDER_NAMES = ("nonprivate", "dpsat_fast", "opacus_hooks", "opacus_ghost", "torch_func")
+PROVIDER_NAMES = ("nonprivate", "dpsat_fast", "dpsat_fast_sat", "opacus_hooks", "opacus_ghost", "torch_func")
 DEFAULT_MODELS = ("resnet18_gn", "wrn16_4_gn")
 DEFAULT_BATCH_SIZES = {"cuda": (32, 64, 128, 256, 512), "cpu": (32, 64)}
 DEFAULT_WARMUP = {"cuda": 3, "cpu": 1}
@@ -80,6 +81,8 @@ class StepConfig:
     lr: float = 0.1
     momentum: float = 0.9
     seed: int = 0
+    rho: float = 0.05
+    amp: str = "none"  # "bf16": forward under torch.autocast(bfloat16)
 
 
 class ProviderSkipped(RuntimeError):
@@ -112,7 +115,8 @@ class Provider:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        self.forward_backward()
+        with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+            self.forward_backward()
         self.optimizer_step()
         self.zero_grad()
 
@@ -163,6 +167,26 @@ class DpsatFast(Provider):
         self.optimizer.step()
 
     def close(self):
+        self.engine.detach()
+
+
+class DpsatFastSAT(DpsatFast):
+    """DP-SAT: the weights are perturbed along the previous noisy gradient before the forward."""
+
+    name = "dpsat_fast_sat"
+
+    def __init__(self, model, x, y, cfg):
+        Provider.__init__(self, model, x, y, cfg)
+        from dpsat_fast.engine import BookKeepingEngine
+        from dpsat_fast.optim import DPSAT
+
+        self.engine = BookKeepingEngine(model, max_grad_norm=cfg.max_grad_norm, loss_reduction="mean")
+        self.optimizer = DPSAT(self._sgd(model.parameters()), engine=self.engine, rho=cfg.rho,
+                               noise_multiplier=cfg.noise_multiplier, expected_batch_size=self.batch_size,
+                               seed=cfg.seed, **({"allow_non_private": True} if cfg.noise_multiplier == 0 else {}))
+
+    def close(self):
+        self.optimizer.detach()
         self.engine.detach()
 
 
@@ -272,7 +296,7 @@ class TorchFunc(Provider):
 
 
 PROVIDERS: dict[str, type[Provider]] = {
-    cls.name: cls for cls in (NonPrivate, DpsatFast, OpacusHooks, OpacusGhost, TorchFunc)
+    cls.name: cls for cls in (NonPrivate, DpsatFast, DpsatFastSAT, OpacusHooks, OpacusGhost, TorchFunc)
 }
 
 
@@ -584,6 +608,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per subprocess job")
     parser.add_argument("--noise-multiplier", type=float, default=1.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--rho", type=float, default=0.05, help="DP-SAT radius of dpsat_fast_sat")
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none",
+                        help="bf16: forward under torch.autocast (mixed precision) for every provider")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON file for rows and metadata")
     parser.add_argument("--verify", action="store_true",
@@ -637,7 +664,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.verify:
         return {"verify": _main_verify(args)}
     cfg = StepConfig(noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
-                     seed=args.seed)
+                     seed=args.seed, rho=args.rho, amp=args.amp)
     metadata = collect_metadata(torch.device(args.device), args.threads, argv)
     metadata.update(warmup=args.warmup, iters=args.iters, isolation=args.isolation,
                     timer=("perf_counter" if args.device == "cpu" else args.cuda_timer),

@@ -165,7 +165,9 @@ class BookKeepingEngine:
         records = [r for r in self.records if r.uses]
         try:
             if records:
-                self._clip_and_accumulate(records)
+                # norms and clipped sums are computed at fp32 (fp64) whatever autocast the forward ran under
+                with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+                    self._clip_and_accumulate(records)
         finally:
             for r in records:
                 r.clear()

@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -17,3 +18,9 @@ def _seed_everything():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# Triton kernels run on CPU tensors in the interpreter when there is no GPU. The flag must be set before
+# anything imports triton (kernels are specialized at definition); set it once, for the whole session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -40,9 +40,12 @@ def check_rho(rho: float) -> float:
 
 
 def _scaled_to_radius(tensors: List[Tensor], rho: float) -> List[Tensor]:
-    """``ρ · t / (‖t‖₂ + 1e-16)`` with one global L2 norm over all tensors (new tensors)."""
+    """``ρ · t / (‖t‖₂ + 1e-16)`` with one global L2 norm over all tensors (new tensors).
+
+    Multi-tensor passes (``torch._foreach_*``: a few fused launches on CUDA) and a device scalar, so the
+    step never waits for the GPU."""
     norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
-    return torch._foreach_mul(tensors, (rho / (norm + 1e-16)).item())
+    return torch._foreach_mul(tensors, rho / (norm + 1e-16))
 
 
 class _Perturbation:
