@@ -1,15 +1,32 @@
 """Per-sample oracle (TESTING.md item 1): for every supported layer and configuration, the engine's
-per-example squared norms and clipped sums equal a float64 per-example reference."""
+per-example squared norms and clipped sums equal a float64 per-example reference.
+
+Every float32 case runs twice: through the PyTorch kernels and through the Triton kernels (in the
+interpreter when there is no GPU); float64 always takes the PyTorch path."""
 
 import pytest
 import torch
 from torch import nn
 
+from dpsat_fast import ops
 from dpsat_fast.layers import DPMultiheadAttention
 from dpsat_fast.ops import choose_route
+from dpsat_fast.ops.triton import triton_can_run
 from oracle import assert_matches_reference
 
 DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture(autouse=True, params=["torch", "triton"])
+def kernel_backend(request):
+    if request.param == "triton":
+        callspec = getattr(request.node, "callspec", None)
+        if callspec is not None and callspec.params.get("dtype") is torch.float64:
+            pytest.skip("float64 always takes the PyTorch path")
+        if not triton_can_run(torch.device("cpu")):
+            pytest.skip("Triton cannot run on CPU here (TRITON_INTERPRET is off)")
+    with ops.kernel_backend_as(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -304,7 +304,8 @@ class _Operands:
             self.g, self.g_strides = g, (g.stride(0), g.stride(2), g.stride(1))
         self.a = a
         self.is_conv = conv is not None
-        self.prec = dot_precision(a.device)
+        # 16-bit operands multiply exactly into fp32 whatever the setting: keep Triton's default for them
+        self.prec = dot_precision(a.device) if dtype == torch.float32 else ("tf32" if a.device.type == "cuda" else "ieee")
 
     def args(self):
         return (*self.a_strides, *self.conv_args, *self.g_strides)
