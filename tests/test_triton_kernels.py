@@ -395,3 +395,22 @@ def test_clipping_bound_holds_on_the_triton_path():
         model(x).sum().backward()
     total = math.sqrt(sum(engine.pop_summed_grad(p).double().pow(2).sum().item() for p in engine.params))
     assert total <= 0.01 * (1 + 1e-5)
+
+
+def test_measured_route_times_both_once_and_caches(monkeypatch):
+    from dpsat_fast.ops import per_sample
+
+    monkeypatch.setattr(per_sample, "_measured_routes", {})
+    timed = []
+    fake_ms = {"ghost": 3.0, "instantiate": 1.0}
+
+    def time_ms(fn):
+        fn()
+        return fake_ms[timed[-1]]
+
+    assert per_sample._measured_route(("k",), timed.append, time_ms) == "instantiate"
+    assert timed == ["ghost", "instantiate"]
+    assert per_sample._measured_route(("k",), timed.append, time_ms) == "instantiate"
+    assert timed == ["ghost", "instantiate"]  # cached: not timed again
+    fake_ms["ghost"] = 0.5
+    assert per_sample._measured_route(("other",), timed.append, time_ms) == "ghost"

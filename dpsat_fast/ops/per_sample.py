@@ -213,21 +213,23 @@ def choose_route(T: int, D: int, P: int) -> str:
     return torch_impl.choose_route(T, D, P)
 
 
-def _measured_route(key: tuple, run) -> str:
-    """On CUDA with Triton: time both routes once per layer shape (CUDA events, after a warm-up run that
-    also autotunes) and keep the faster; elsewhere the FLOP model decides (see callers)."""
+def _cuda_time_ms(fn, reps: int = 3) -> float:
+    """Mean CUDA-event time of ``fn()`` after one warm-up call (which also autotunes)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _measured_route(key: tuple, run, time_ms=_cuda_time_ms) -> str:
+    """On CUDA with Triton: time both routes once per layer shape and keep the faster (cached by ``key``)."""
     route = _measured_routes.get(key)
     if route is None:
-        times = {}
-        for r in _ROUTES:
-            run(r)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                run(r)
-            end.record()
-            end.synchronize()
-            times[r] = start.elapsed_time(end)
+        times = {r: time_ms(lambda r=r: run(r)) for r in _ROUTES}
         route = min(times, key=times.get)
         _measured_routes[key] = route
     return route

@@ -23,6 +23,7 @@ per-example scale keeps ~16 bits more than one rounding would.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -340,12 +341,17 @@ def weight_sq_norms(a: torch.Tensor, g: torch.Tensor, route: str, with_bias: boo
     return w_sq, (b_part.view(B, G * n_part).sum(1) if with_bias else None)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _splits(n_tiles: int, n_rows: int, device: torch.device) -> int:
     """Split the B·T reduction so that the GPU has enough programs (about 4 per SM), never below 256 rows
     per split; one split in the interpreter unless the reduction is long."""
     if device.type != "cuda":
         return max(1, min(4, n_rows // 512))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(cdiv(4 * sms, max(n_tiles, 1)), n_rows // 256))
 
 
