@@ -49,25 +49,27 @@ def _scaled_to_radius(tensors: List[Tensor], rho: float) -> List[Tensor]:
 
 
 class _Perturbation:
-    """Apply ``w ← w + ε`` remembering ``w``, and restore ``w`` by copy."""
+    """Apply ``w ← w + ε`` remembering ``w``, and restore ``w`` by copy: multi-tensor passes into backup
+    buffers allocated once and reused every step."""
 
     def __init__(self):
-        self.backup: Optional[List[Tensor]] = None
-
-    @property
-    def applied(self) -> bool:
-        return self.backup is not None
+        self.applied = False
+        self._buffers: Optional[List[Tensor]] = None
 
     @torch.no_grad()
     def apply(self, params: List[Tensor], eps: List[Tensor]) -> None:
-        self.backup = [p.detach().clone() for p in params]
+        if self._buffers is None or len(self._buffers) != len(params) or any(
+                b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(self._buffers, params)):
+            self._buffers = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._buffers, params)
         torch._foreach_add_(params, eps)
+        self.applied = True
 
     @torch.no_grad()
     def restore(self, params: List[Tensor]) -> None:
-        if self.backup is not None:
-            torch._foreach_copy_(params, self.backup)
-            self.backup = None
+        if self.applied:
+            torch._foreach_copy_(params, self._buffers)
+            self.applied = False
 
 
 class _PerturbBeforeForward:
