@@ -1,8 +1,10 @@
 """Smoke tests of bench/throughput.py on the smallest model: rows are produced, and each DP provider
-really releases the flat-clipped mean plus N(0, σ²C²)/B² noise (checked against torch.func)."""
+really releases the flat-clipped mean plus N(0, σ²C²)/B² noise (checked against torch.func); and of
+bench/bench_kernels.py on two ResNet-18 layers."""
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ pytestmark = [
 ]
 
 BENCH_PATH = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+KERNELS_BENCH_PATH = BENCH_PATH.with_name("bench_kernels.py")
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +85,31 @@ def test_dp_provider_clips_and_adds_noise(throughput, provider):
     # ~14k noise coordinates: the sample std is within a few percent of σC/B.
     assert abs(report["noise_std_ratio"] - 1.0) < 0.05
     assert abs(report["noise_mean_over_std"]) < 0.05
+
+
+def test_bench_kernels_cpu_smoke(tmp_path):
+    """bench_kernels.py end to end in a subprocess: two ResNet-18 layers at batch 2, all providers timed
+    (positive medians, ratios from the same run) and the dpsat_fast results verified."""
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run(
+        [sys.executable, str(KERNELS_BENCH_PATH), "--device", "cpu", "--batch", "2", "--max-layers", "2",
+         "--models", "resnet18", "--cpu-rounds", "3", "--cpu-block-s", "0.01", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    metadata = result["metadata"]
+    assert metadata["device"] == "cpu" and metadata["device_name"]
+    for key in ("torch", "triton", "dpsat_fast", "python", "num_threads", "date", "command"):
+        assert key in metadata
+    rows = result["results"]
+    assert [(r["model"], r["kind"]) for r in rows] == [("resnet18", "conv"), ("resnet18", "conv")]
+    for r in rows:
+        assert r["T"] > 0 and r["D"] > 0 and r["P"] > 0 and r["route"] in ("ghost", "instantiate")
+        for provider in ("dpsat_fast", "materialized", "torch_func"):
+            assert r["providers"][provider]["ms"] > 0, r["providers"][provider]
+        assert r["providers"]["dpsat_fast"]["norms_ms"] > 0
+        assert r["providers"]["dpsat_fast"]["clipped_sum_ms"] > 0
+        assert r["materialized/dpsat_fast"] > 0 and r["torch_func/dpsat_fast"] > 0
+        assert r["verify"]["ok"], r["verify"]
+    assert result["summary"]["resnet18"]["layers"] == 2
