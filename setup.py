@@ -57,8 +57,12 @@ def get_extensions():
     extra_compile_args = {"cxx": cxx_flags(debug)}
     extra_link_args = ["-fopenmp"] if sys.platform not in ("win32", "darwin") else []
     if cuda:
+        # csrc/cuda: device code (*.cu, CUDA headers only) and its torch glue (*.cpp)
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        extra_compile_args["nvcc"] = ["-O0", "-g", "-G"] if debug else ["-O3"]
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        # no FMA contraction: the same noise bits as every other build of the Philox kernels
+        extra_compile_args["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--fmad=false", "-std=c++17"]
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     extension = CUDAExtension if cuda else CppExtension
     return [
         extension(

@@ -2,11 +2,13 @@
 ``tl.randn(seed, offset + j)`` (Philox4x32-10 + Box-Muller, see :mod:`dpsat_fast.ops.reference`), so the
 same seed gives the same noise on every backend and no noise tensor is ever stored.
 
-CPU tensors use the C++ kernels of ``dpsat_fast._C`` when it is built, CUDA tensors the Triton kernel
-(:mod:`dpsat_fast.ops.triton.noise`), anything else the pure-PyTorch reference.
+CPU tensors use the C++ kernels of ``dpsat_fast._C`` when it is built; CUDA tensors the Triton kernel
+(:mod:`dpsat_fast.ops.triton.noise`), or the CUDA C++ kernels (csrc/cuda) when Triton is not used and the
+extension was built with CUDA; anything else the pure-PyTorch reference.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -106,7 +108,15 @@ def cpu_capability() -> str | None:
 
 
 def _use_compiled(device: torch.device) -> bool:
-    return EXTENSION_AVAILABLE and device.type == "cpu"
+    if not EXTENSION_AVAILABLE:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and _has_cuda_kernels())
+
+
+@functools.lru_cache(maxsize=None)
+def _has_cuda_kernels() -> bool:
+    """The extension was built with its CUDA kernels (csrc/cuda: a CUDA torch at build time)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dpsat_fast::add_noise_and_scale_", "CUDA")
 
 
 def _check_numel(op: str, numel: int) -> int:
