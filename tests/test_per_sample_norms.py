@@ -74,6 +74,26 @@ def test_conv(dtype, dims, kwargs, spatial, bias):
     assert_matches_reference(model, [torch.randn(3, c_in, *spatial)], dtype, max_grad_norm=0.5)
 
 
+@pytest.mark.parametrize("budget", [0, 1 << 24], ids=["recompute", "cached"])
+@pytest.mark.parametrize("case", [3, 7, 12], ids=["plain", "groups", "3d"])
+def test_conv_instantiate_with_and_without_per_example_cache(monkeypatch, budget, case):
+    """The PyTorch path keeps instantiate-route per-example gradients for the clipped sum when they fit the
+    budget, and recomputes the sum as a conv weight-gradient otherwise: both exact."""
+    from dpsat_fast.layers import conv, register_rule
+    monkeypatch.setattr(conv, "PER_EXAMPLE_CACHE_ELEMENTS", budget)
+    register_rule(nn.Conv2d, conv.ConvRule("instantiate"))
+    register_rule(nn.Conv1d, conv.ConvRule("instantiate"))
+    register_rule(nn.Conv3d, conv.ConvRule("instantiate"))
+    try:
+        dims, kwargs, spatial = CONV_CASES[case]
+        layer = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](4, 4 if kwargs.get("groups") == 4 else 6, **kwargs)
+        model = nn.Sequential(layer, nn.Tanh(), nn.Flatten())
+        assert_matches_reference(model, [torch.randn(3, 4, *spatial)], torch.float32, max_grad_norm=0.5)
+    finally:
+        for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            register_rule(t, conv.ConvRule())
+
+
 @pytest.mark.parametrize("route", ["ghost", "instantiate"])
 def test_conv_routes(route):
     from dpsat_fast.layers import conv, register_rule

@@ -55,6 +55,8 @@ class ModuleRecord:
         self.rule = rule
         self.param_names = tuple(param_names)
         self.uses: List[Use] = []
+        #: what a rule computed from the uses and wants again later in the same backward (cleared with them)
+        self.cache: Dict[str, Tensor] = {}
         self._on_record = on_record
 
     def add_use(self, **tensors: Tensor) -> None:
@@ -64,6 +66,7 @@ class ModuleRecord:
 
     def clear(self) -> None:
         self.uses = []
+        self.cache = {}
 
 
 class LayerRule:

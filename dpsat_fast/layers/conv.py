@@ -22,6 +22,11 @@ from ..ops import torch_impl
 from .base import NO_NOISE, LayerRule, ModuleRecord, NoiseRequest, Use, sum_over_uses
 
 
+# Per layer, per-example weight gradients up to this many elements (fp32: 64 MiB) are kept between the norms
+# and the clipped sum on the PyTorch path; larger ones are recomputed as a convolution weight-gradient.
+PER_EXAMPLE_CACHE_ELEMENTS = 1 << 24
+
+
 class _ConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, record: ModuleRecord, stride, padding, dilation, groups):
@@ -90,12 +95,31 @@ class ConvRule(LayerRule):
         return sum_over_uses([torch_impl.conv_per_example_grads(u["x"][sl], u["g"][sl], *self._args(record))
                               for u in uses])
 
+    def _keep_per_example(self, record, use: Use) -> bool:
+        """PyTorch path, instantiate route, and the per-example gradients fit the cache budget."""
+        x, g = use["x"], use["g"]
+        if ops.use_triton(x):
+            return False
+        shape, groups = record.module.weight.shape, record.geometry[3]
+        route = self.route or ops.choose_route(math.prod(g.shape[2:]), math.prod(shape[1:]), shape[0] // groups)
+        return route == "instantiate" and x.shape[0] * math.prod(shape) <= PER_EXAMPLE_CACHE_ELEMENTS
+
     # -- rule ----------------------------------------------------------------------------------
     def sq_norms(self, record, uses, names) -> Dict[str, Tensor]:
         shape, stride, padding, dilation, groups = self._args(record)
         with_bias = "bias" in names
         if "weight" not in names:
             return {"bias": self._bias_grads(uses).pow(2).sum(1)}
+        record.cache.pop("weight_per_example", None)
+        if len(uses) == 1 and self._keep_per_example(record, uses[0]):
+            # CPU instantiate route: keep the per-example gradients for the clipped sum (Σ_i c_i G_i is then
+            # one pass over them instead of a second convolution weight-gradient)
+            pe = torch_impl.conv_per_example_grads(uses[0]["x"], uses[0]["g"], *self._args(record))
+            record.cache["weight_per_example"] = pe
+            out = {"weight": pe.flatten(1).pow(2).sum(1)}
+            if with_bias:
+                out["bias"] = self._bias_grads(uses).pow(2).sum(1)
+            return out
         if len(uses) == 1:
             w, b = ops.conv_weight_sq_norms(uses[0]["x"], uses[0]["g"], shape, stride, padding, dilation, groups,
                                             self.route, with_bias=with_bias)
@@ -123,6 +147,16 @@ class ConvRule(LayerRule):
         if noise is None or not noise.covers(names):
             noise = NO_NOISE
         with_bias = "bias" in names
+        pe = record.cache.pop("weight_per_example", None)
+        if pe is not None:
+            w = ops.per_example_clipped_sum_with_noise(pe.flatten(1), scale, noise.seed, noise.offsets.get("weight", 0),
+                                                       noise.std).view(pe.shape[1:])
+            out = {"weight": w}
+            if with_bias:
+                bias = self._bias_grads(uses)
+                out["bias"] = ops.per_example_clipped_sum_with_noise(bias, scale, noise.seed,
+                                                                     noise.offsets.get("bias", 0), noise.std)
+            return out, set(noise.offsets) & set(names)
         w_parts, b_parts = [], []
         for k, u in enumerate(uses):
             use_noise = noise if k == 0 else NO_NOISE  # the noise goes into the sum once
