@@ -463,6 +463,22 @@ def _worker_main(job_json: str) -> None:
     print(json.dumps(run_job(**job)), flush=True)
 
 
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the rounds of one job: the median over rounds of the per-round median step time (the
+    rounds interleave the providers, so a burst of load on a shared machine hits all of them alike)."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if len(rounds) == 1 or not ok:
+        return rounds[0]
+    row = dict(ok[0])
+    row["round_ms"] = [r["ms_per_step"] for r in ok]
+    row["ms_per_step"] = statistics.median(row["round_ms"])
+    row["examples_per_s"] = row["batch_size"] / (row["ms_per_step"] / 1e3)
+    row["times_ms"] = [t for r in ok for t in r["times_ms"]]
+    peaks = [r["peak_mb"] for r in ok if r["peak_mb"] is not None]
+    row["peak_mb"] = statistics.median(peaks) if peaks else None
+    return row
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Throughput and memory of each row relative to ``nonprivate`` at the same model and batch size."""
     reference = {(r["model"], r["batch_size"]): r for r in rows
@@ -608,6 +624,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per subprocess job")
     parser.add_argument("--noise-multiplier", type=float, default=1.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every provider this many times, interleaved; report the median round")
     parser.add_argument("--rho", type=float, default=0.05, help="DP-SAT radius of dpsat_fast_sat")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none",
                         help="bf16: forward under torch.autocast (mixed precision) for every provider")
@@ -672,10 +690,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     memory=("peak RSS increase over RSS after model+data creation"
                             if args.device == "cpu" else
                             "torch.cuda.max_memory_allocated minus allocation after model+data"))
+    metadata.update(rounds=args.rounds)
     rows = []
     for model_name in args.models:
         for batch_size in args.batch_sizes:
-            for provider_name in args.providers:
+            per_provider: dict[str, list] = {name: [] for name in args.providers}
+            for _round, provider_name in [(r, p) for r in range(args.rounds) for p in args.providers]:
                 job = {"model_name": model_name, "batch_size": batch_size,
                        "provider_name": provider_name, "device": args.device,
                        "warmup": args.warmup, "iters": args.iters, "cuda_timer": args.cuda_timer}
@@ -695,7 +715,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     peak = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.0f}"
                     print(f"{model_name} b={batch_size} {provider_name}: "
                           f"{row['ms_per_step']:.1f} ms/step, peak {peak} MB", flush=True)
-                rows.append(row)
+                per_provider[provider_name].append(row)
+            rows.extend(merge_rounds(per_provider[name]) for name in args.providers)
     add_ratios(rows)
     print(format_table(rows))
     result = {"metadata": metadata, "rows": rows}
