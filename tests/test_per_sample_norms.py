@@ -57,6 +57,7 @@ CONV_CASES = [
     (2, dict(kernel_size=3, padding=2, padding_mode="reflect"), (6, 7)),
     (2, dict(kernel_size=3, padding=1, padding_mode="circular", stride=2), (7, 7)),
     (2, dict(kernel_size=1), (5, 3)),
+    (2, dict(kernel_size=1, stride=2), (7, 6)),  # strided 1x1 shortcut (a direct batched GEMM on CPU)
     (3, dict(kernel_size=3, padding=1), (4, 5, 3)),
     (3, dict(kernel_size=(2, 3, 1), stride=(1, 2, 1), dilation=(2, 1, 1), groups=2), (5, 6, 3)),
 ]
@@ -75,7 +76,7 @@ def test_conv(dtype, dims, kwargs, spatial, bias):
 
 
 @pytest.mark.parametrize("budget", [0, 1 << 24], ids=["recompute", "cached"])
-@pytest.mark.parametrize("case", [3, 7, 12], ids=["plain", "groups", "3d"])
+@pytest.mark.parametrize("case", [3, 7, 13], ids=["plain", "groups", "3d"])
 def test_conv_instantiate_with_and_without_per_example_cache(monkeypatch, budget, case):
     """The PyTorch path keeps instantiate-route per-example gradients for the clipped sum when they fit the
     budget, and recomputes the sum as a conv weight-gradient otherwise: both exact."""

@@ -159,12 +159,25 @@ def conv_patches_and_grads(xs: Sequence[Tensor], gs: Sequence[Tensor], kernel_si
 
 def conv_per_example_grads(x: Tensor, g: Tensor, weight_shape: Sequence[int], stride, padding, dilation,
                            groups: int) -> Tensor:
-    """Per-example weight gradients [B, *weight_shape] as ONE convolution weight-gradient with the batch folded
-    into the groups (no unfold)."""
+    """Per-example weight gradients [B, *weight_shape].
+
+    Dense convolutions whose patches are small or trivial are one batched GEMM ``g_i a_iᵀ``: a 1×1 kernel
+    reads the (strided) input directly, a small fan-in (e.g. an RGB stem, ``D <= 64``) unfolds it. Every
+    other case is ONE convolution weight-gradient with the batch folded into the groups (no unfold)."""
     n = len(weight_shape) - 2
     dt, b = accum_dtype(x), x.shape[0]
     if b == 0:
         return torch.zeros((0,) + tuple(weight_shape), dtype=dt, device=x.device)
+    if groups == 1 and n in (1, 2):
+        c_out, fan_in = weight_shape[0], math.prod(weight_shape[1:])
+        gt = g.to(dt).reshape(b, c_out, -1)  # [B, P, T]
+        if all(k == 1 for k in weight_shape[2:]) and not any(padding):
+            xs = x[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in stride)]
+            a = xs[(slice(None), slice(None)) + tuple(slice(0, o) for o in g.shape[2:])]
+            return torch.bmm(gt, a.to(dt).reshape(b, fan_in, -1).transpose(1, 2)).view((b,) + tuple(weight_shape))
+        if fan_in <= 64:
+            a = unfold_patches(x.to(dt), weight_shape[2:], stride, padding, dilation, 1)[:, 0]  # [B, D, T]
+            return torch.bmm(gt, a.transpose(1, 2)).view((b,) + tuple(weight_shape))
     pe = torch.ops.aten.convolution_backward(
         g.to(dt).reshape(1, b * g.shape[1], *g.shape[2:]), x.to(dt).reshape(1, b * x.shape[1], *x.shape[2:]),
         torch.zeros((b * weight_shape[0],) + tuple(weight_shape[1:]), dtype=dt, device=x.device), None, stride,
