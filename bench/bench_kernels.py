@@ -50,14 +50,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import gc
 import json
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -69,11 +66,11 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    import dpsat_fast
+    import dpsat_fast  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import dpsat_fast
 
+import throughput  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
 from dpsat_fast import ops
 from dpsat_fast.models import INPUT_SHAPES, build_model
 
@@ -545,52 +542,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def _cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def collect_metadata(device: torch.device, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    def version(module_name: str) -> str | None:
-        try:
-            return __import__(module_name).__version__
-        except Exception:  # noqa: BLE001
-            return None
-
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model_name()
-    return {
-        "device": device.type,
-        "device_name": device_name,
-        "cpu_name": _cpu_model_name(),
-        "cpu_count": os.cpu_count(),
-        "num_threads": torch.get_num_threads(),
+    metadata = throughput.collect_metadata(device, torch.get_num_threads(), argv, script="bench/bench_kernels.py")
+    metadata.update({
         "dtype": args.dtype,
         "batch": args.batch,
         "kernel_backend": ops.kernel_backend(),
         "ops_path": "triton" if device.type == "cuda" and ops.use_triton(torch.empty(0, device=device))
         else "torch",
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": version("triton"),
-        "opacus": version("opacus"),
-        "dpsat_fast": getattr(dpsat_fast, "__version__", None),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in ["python", "bench/bench_kernels.py", *argv]),
         "noise_std": NOISE_STD,
         "loadavg_1_5_15min_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "timing": ({"timer": "triton.testing.do_bench", "warmup_ms": args.cuda_warmup_ms,
                     "rep_ms": args.cuda_rep_ms} if device.type == "cuda" else
                    {"timer": "torch.utils.benchmark.Timer.timeit, providers interleaved",
                     "rounds": args.cpu_rounds, "block_s": args.cpu_block_s}),
-    }
+    })
+    return metadata
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -528,7 +528,9 @@ def _cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def collect_metadata(device: torch.device, threads: int, argv: list[str]) -> dict[str, Any]:
+def collect_metadata(device: torch.device, threads: int, argv: list[str],
+                     script: str = "bench/throughput.py") -> dict[str, Any]:
+    """Device, versions, date and the command line of a benchmark run (shared by the bench scripts)."""
     def version(module_name: str) -> str | None:
         try:
             return __import__(module_name).__version__
@@ -553,7 +555,7 @@ def collect_metadata(device: torch.device, threads: int, argv: list[str]) -> dic
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in ["python", "bench/throughput.py", *argv]),
+        "command": " ".join(shlex.quote(a) for a in ["python", script, *argv]),
     }
 
 

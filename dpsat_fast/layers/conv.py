@@ -110,7 +110,7 @@ class ConvRule(LayerRule):
         with_bias = "bias" in names
         if "weight" not in names:
             return {"bias": self._bias_grads(uses).pow(2).sum(1)}
-        record.cache.pop("weight_per_example", None)
+        record.cache.clear()
         if len(uses) == 1 and self._keep_per_example(record, uses[0]):
             # CPU instantiate route: keep the per-example gradients for the clipped sum (Σ_i c_i G_i is then
             # one pass over them instead of a second convolution weight-gradient)
@@ -118,7 +118,8 @@ class ConvRule(LayerRule):
             record.cache["weight_per_example"] = pe
             out = {"weight": pe.flatten(1).pow(2).sum(1)}
             if with_bias:
-                out["bias"] = self._bias_grads(uses).pow(2).sum(1)
+                record.cache["bias_per_example"] = bias = self._bias_grads(uses)
+                out["bias"] = bias.pow(2).sum(1)
             return out
         if len(uses) == 1:
             w, b = ops.conv_weight_sq_norms(uses[0]["x"], uses[0]["g"], shape, stride, padding, dilation, groups,
@@ -153,7 +154,7 @@ class ConvRule(LayerRule):
                                                        noise.std).view(pe.shape[1:])
             out = {"weight": w}
             if with_bias:
-                bias = self._bias_grads(uses)
+                bias = record.cache.pop("bias_per_example")
                 out["bias"] = ops.per_example_clipped_sum_with_noise(bias, scale, noise.seed,
                                                                      noise.offsets.get("bias", 0), noise.std)
             return out, set(noise.offsets) & set(names)
