@@ -18,13 +18,14 @@
 #include <string>
 #include <type_traits>
 
+#include "cpu/noise.h"
 #include "cpu/philox_x86.h"
 #include "philox.h"
 
 namespace dpsat_fast {
 namespace {
 
-constexpr int64_t kBlock = 512;  // normals per block: the fp32 buffer stays in L1
+constexpr int64_t kBlock = cpu::kNoiseBlock;  // normals per block: the fp32 buffer stays in L1
 constexpr int64_t kGrainSize = 1 << 15;
 
 template <typename To, typename From>
@@ -257,6 +258,21 @@ void philox_uint32_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
 }
 
 }  // namespace
+
+namespace cpu {
+void fill_normals(uint64_t seed, uint64_t offset, int64_t n, float* out) {
+  TORCH_INTERNAL_ASSERT(n >= 0 && n <= kNoiseBlock);
+  kFillNormals.fn(seed, offset, n, out);
+}
+
+void add_noise_(at::Tensor& t, int64_t seed, int64_t offset, double noise_std) {
+  add_noise_and_scale_cpu(t, seed, offset, noise_std, 1.0);
+}
+
+void check_seed_offset(const char* op, int64_t seed, int64_t offset, int64_t numel) {
+  dpsat_fast::check_seed_offset(op, seed, offset, numel);
+}
+}  // namespace cpu
 
 std::string cpu_capability() {
   return kFillNormals.capability;

@@ -114,12 +114,13 @@ class ConvRule(LayerRule):
         if len(uses) == 1 and self._keep_per_example(record, uses[0]):
             # CPU instantiate route: keep the per-example gradients for the clipped sum (Σ_i c_i G_i is then
             # one pass over them instead of a second convolution weight-gradient)
-            pe = torch_impl.conv_per_example_grads(uses[0]["x"], uses[0]["g"], *self._args(record))
+            pe, bias, w_sq, b_sq = ops.conv_per_example_grads(uses[0]["x"], uses[0]["g"], *self._args(record),
+                                                              with_bias=with_bias)
             record.cache["weight_per_example"] = pe
-            out = {"weight": pe.flatten(1).pow(2).sum(1)}
+            out = {"weight": w_sq}
             if with_bias:
-                record.cache["bias_per_example"] = bias = self._bias_grads(uses)
-                out["bias"] = bias.pow(2).sum(1)
+                record.cache["bias_per_example"] = bias
+                out["bias"] = b_sq
             return out
         if len(uses) == 1:
             w, b = ops.conv_weight_sq_norms(uses[0]["x"], uses[0]["g"], shape, stride, padding, dilation, groups,

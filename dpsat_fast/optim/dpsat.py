@@ -27,6 +27,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..validation import PrivacyConfigError
 from .dp_optimizer import DPOptimizer
 
@@ -42,15 +43,15 @@ def check_rho(rho: float) -> float:
 def _scaled_to_radius(tensors: List[Tensor], rho: float) -> List[Tensor]:
     """``ρ · t / (‖t‖₂ + 1e-16)`` with one global L2 norm over all tensors (new tensors).
 
-    Multi-tensor passes (``torch._foreach_*``: a few fused launches on CUDA) and a device scalar, so the
-    step never waits for the GPU."""
-    norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
+    Multi-tensor passes (:mod:`dpsat_fast.ops.multi_tensor`: one parallel C++ pass on CPU, ``torch._foreach``
+    launches on CUDA) and a device scalar, so the step never waits for the GPU."""
+    norm = ops.multi_tensor_sq_norm(tensors).sqrt()
     return torch._foreach_mul(tensors, rho / (norm + 1e-16))
 
 
 class _Perturbation:
-    """Apply ``w ← w + ε`` remembering ``w``, and restore ``w`` by copy: multi-tensor passes into backup
-    buffers allocated once and reused every step."""
+    """Apply ``w ← w + ε`` remembering ``w`` (one fused pass: backup and update), and restore ``w`` by copy;
+    the backup buffers are allocated once and reused every step."""
 
     def __init__(self):
         self.applied = False
@@ -61,8 +62,7 @@ class _Perturbation:
         if self._buffers is None or len(self._buffers) != len(params) or any(
                 b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(self._buffers, params)):
             self._buffers = [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(self._buffers, params)
-        torch._foreach_add_(params, eps)
+        ops.multi_tensor_perturb_(params, self._buffers, eps, 1.0)
         self.applied = True
 
     @torch.no_grad()

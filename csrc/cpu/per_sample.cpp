@@ -1,0 +1,698 @@
+// CPU kernels of the per-sample gradient ops (DESIGN.md §2.3-2.4) and of DP-SAT's multi-tensor passes.
+//
+// GEMMs and convolution weight-gradients go through ATen (oneDNN / MKL / OpenBLAS): that is where the
+// FLOPs are, and no hand-written loop beats those libraries there. Everything around them is written
+// here as fused, at::parallel_for loops: per-example squared norms straight from the Gram matrices or
+// the per-example gradients (no squared temporaries), bias sums, the norm-layer gradients in one pass
+// over x̂ and g, the clipped sum of materialized per-example gradients with the Philox noise added in
+// the same pass, and the multi-tensor norm / perturb of DP-SAT.
+//
+// Accumulation is float32 (float64 for float64 inputs). Reductions keep 16 independent partial sums
+// so that the compiler vectorizes them without reassociating (no -ffast-math), and every reduction has
+// a fixed order: results do not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/noise.h"
+
+namespace dpsat_fast {
+namespace {
+
+// Element budget of one batch chunk's temporaries ([b, T, T] Grams or [b, P, D] per-example grads).
+constexpr int64_t kChunkElements = int64_t{1} << 24;
+// Elements per task in the element-wise parallel loops.
+constexpr int64_t kGrain = int64_t{1} << 15;
+constexpr int kLanes = 16;
+
+at::ScalarType accum_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor to_accum(const at::Tensor& t) {
+  return t.to(accum_type(t));
+}
+
+at::Tensor accum_empty(const at::Tensor& like, at::IntArrayRef sizes) {
+  return at::empty(sizes, like.options().dtype(accum_type(like)));
+}
+
+int64_t chunk_size(int64_t per_example) {
+  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(per_example, 1));
+}
+
+void check_floating_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": ", name, " must be float32, float64, bfloat16 or float16, got ", dt);
+}
+
+void check_route(const char* op, c10::string_view route) {
+  TORCH_CHECK(route == "ghost" || route == "instantiate", op,
+              ": route must be 'ghost' or 'instantiate', got '", std::string(route), "'");
+}
+
+void check_noise(const char* op, int64_t seed, int64_t offset, int64_t numel, double noise_std) {
+  cpu::check_seed_offset(op, seed, offset, numel);
+  TORCH_CHECK(std::isfinite(noise_std) && noise_std >= 0.0, op,
+              ": noise_std must be finite and non-negative, got ", noise_std);
+}
+
+// ---------------------------------------------------------------------------------------------
+// vectorizable reductions
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+T sum_squares(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * x[j + l];
+  }
+  for (int l = 0; j < n; ++j, ++l) acc[l] += x[j] * x[j];
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+template <typename T>
+T dot(const T* x, const T* y, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * y[j + l];
+  }
+  for (int l = 0; j < n; ++j, ++l) acc[l] += x[j] * y[j];
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+template <typename T>
+T sum(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
+  }
+  for (int l = 0; j < n; ++j, ++l) acc[l] += x[j];
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// Σ x² of float32 data with a float64 total: float32 partial sums over 256-element blocks only, so the
+// rounding error does not grow with n (a global norm over millions of parameters).
+double sum_squares_wide(const float* x, int64_t n) {
+  double total = 0.0;
+  for (int64_t s = 0; s < n; s += 256) total += sum_squares(x + s, std::min<int64_t>(256, n - s));
+  return total;
+}
+
+int64_t row_grain(int64_t row_length) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_length, 1));
+}
+
+// out[r] = Σ_k x[r, k]²  (x: [rows, K] contiguous, accumulation dtype), written into out[0:rows].
+void row_sq_norms_into(const at::Tensor& x, at::Tensor out) {
+  const int64_t rows = x.size(0), k = x.numel() / std::max<int64_t>(rows, 1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_sq_norms", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(k), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) po[r] = sum_squares(px + r * k, k);
+    });
+  });
+}
+
+at::Tensor row_sq_norms(const at::Tensor& x) {
+  at::Tensor c = x.contiguous();
+  at::Tensor out = at::empty({c.size(0)}, c.options());
+  row_sq_norms_into(c, out);
+  return out;
+}
+
+// out[r] = ⟨x[r], y[r]⟩  (x, y: [rows, K] contiguous, accumulation dtype).
+void row_dots_into(const at::Tensor& x, const at::Tensor& y, at::Tensor out) {
+  const int64_t rows = x.size(0), k = x.numel() / std::max<int64_t>(rows, 1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_dots", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* py = y.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(k), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) po[r] = dot(px + r * k, py + r * k, k);
+    });
+  });
+}
+
+// ‖Σ_t g_{i,t}‖² and, if wanted, the sums themselves: g is [B, T, P] (any strides) -> [B] (and [B, P]).
+at::Tensor per_example_sums(const at::Tensor& g3) {
+  // [B, T, P] -> [B, P]: ATen's reduction is vectorized and parallel already, and reads g once
+  return g3.sum(1, /*keepdim=*/false, accum_type(g3));
+}
+
+// ---------------------------------------------------------------------------------------------
+// convolution helpers
+// ---------------------------------------------------------------------------------------------
+
+// g [B, C, *S] as [B, T, C] (a transposed view), T = ∏S; also for B = 0.
+at::Tensor positions_by_channels(const at::Tensor& g) {
+  int64_t t = 1;
+  for (int64_t d = 2; d < g.dim(); ++d) t *= g.size(d);
+  return g.reshape({g.size(0), g.size(1), t}).transpose(1, 2);
+}
+
+// im2col: x [B, C, *S] -> [B, C·∏k, T] (weight layout order), 1-D, 2-D and 3-D.
+at::Tensor unfold_patches(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t n = static_cast<int64_t>(kernel.size());
+  if (n == 2) return at::im2col(x, kernel, dilation, padding, stride);
+  if (n == 1) {
+    return at::im2col(x.unsqueeze(2), {1, kernel[0]}, {1, dilation[0]}, {0, padding[0]},
+                      {1, stride[0]});
+  }
+  at::Tensor v = x;
+  bool padded = false;
+  for (auto p : padding) padded = padded || p != 0;
+  if (padded) {
+    std::vector<int64_t> pad;
+    for (int64_t d = n - 1; d >= 0; --d) {
+      pad.push_back(padding[d]);
+      pad.push_back(padding[d]);
+    }
+    v = at::constant_pad_nd(v, pad, 0);
+  }
+  for (int64_t d = 0; d < n; ++d) {
+    v = v.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d]);  // appends a window dim
+  }
+  std::vector<at::indexing::TensorIndex> idx(2 + n, at::indexing::Slice());
+  for (int64_t d = 0; d < n; ++d) idx.push_back(at::indexing::Slice(at::indexing::None, at::indexing::None, dilation[d]));
+  v = v.index(idx);  // [B, C, *T, *k]
+  std::vector<int64_t> perm = {0, 1};
+  int64_t t = 1, k = 1;
+  for (int64_t d = 0; d < n; ++d) {
+    perm.push_back(2 + n + d);
+    k *= kernel[d];
+  }
+  for (int64_t d = 0; d < n; ++d) {
+    perm.push_back(2 + d);
+    t *= v.size(2 + d);
+  }
+  return v.permute(perm).reshape({x.size(0), x.size(1) * k, t});
+}
+
+// A tensor of the given sizes whose data is never read (convolution_backward takes the weight's shape
+// only when it computes the weight gradient alone): no allocation, no zero fill.
+at::Tensor shape_only(const at::Tensor& like, at::IntArrayRef sizes) {
+  return at::empty({}, like.options()).expand(sizes);
+}
+
+at::Tensor conv_weight_grad(const at::Tensor& g, const at::Tensor& x, at::IntArrayRef weight_shape,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups) {
+  const std::vector<int64_t> output_padding(weight_shape.size() - 2, 0);
+  return std::get<1>(at::convolution_backward(g, x, shape_only(g, weight_shape), std::nullopt, stride,
+                                              padding, dilation, /*transposed=*/false, output_padding,
+                                              groups, {false, true, false}));
+}
+
+// Per-example weight gradients [b, *weight_shape] in the accumulation dtype.
+at::Tensor conv_per_example_weight_grads(const at::Tensor& x, const at::Tensor& g,
+                                         at::IntArrayRef ws, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups) {
+  const int64_t b = x.size(0), n = static_cast<int64_t>(ws.size()) - 2;
+  const auto acc = accum_type(x);
+  std::vector<int64_t> out_shape = {b};
+  out_shape.insert(out_shape.end(), ws.begin(), ws.end());
+  if (b == 0) return at::zeros(out_shape, x.options().dtype(acc));
+  int64_t fan_in = 1;
+  for (int64_t d = 1; d < static_cast<int64_t>(ws.size()); ++d) fan_in *= ws[d];
+  if (groups == 1 && (n == 1 || n == 2)) {
+    // dense: one batched GEMM g_i a_iᵀ when the patches are trivial (1×1) or few (small fan-in)
+    const at::Tensor gt = g.to(acc).reshape({b, ws[0], -1});  // [b, P, T]
+    bool pointwise = true;
+    for (int64_t d = 0; d < n; ++d) pointwise = pointwise && ws[2 + d] == 1 && padding[d] == 0;
+    if (pointwise) {
+      at::Tensor xs = x;
+      for (int64_t d = 0; d < n; ++d) xs = xs.slice(2 + d, 0, g.size(2 + d) * stride[d], stride[d]);
+      const at::Tensor a = xs.to(acc).reshape({b, fan_in, -1});  // [b, D, T]
+      return at::bmm(gt, a.transpose(1, 2)).view(out_shape);
+    }
+    if (fan_in <= 64) {
+      const at::Tensor a = unfold_patches(x.to(acc), ws.slice(2), stride, padding, dilation);
+      return at::bmm(gt, a.transpose(1, 2)).view(out_shape);
+    }
+  }
+  // one convolution weight-gradient with the batch folded into the groups
+  std::vector<int64_t> gshape = {1, b * g.size(1)}, xshape = {1, b * x.size(1)};
+  std::vector<int64_t> wshape = {b * ws[0]};
+  for (int64_t d = 0; d < n; ++d) {
+    gshape.push_back(g.size(2 + d));
+    xshape.push_back(x.size(2 + d));
+  }
+  wshape.insert(wshape.end(), ws.begin() + 1, ws.end());
+  const at::Tensor pe = conv_weight_grad(g.to(acc).reshape(gshape), x.to(acc).reshape(xshape), wshape,
+                                         stride, padding, dilation, b * groups);
+  return pe.view(out_shape);
+}
+
+void check_conv(const char* op, const at::Tensor& x, const at::Tensor& g, at::IntArrayRef ws,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                int64_t groups) {
+  check_floating_cpu(op, "x", x);
+  check_floating_cpu(op, "g", g);
+  const int64_t n = static_cast<int64_t>(ws.size()) - 2;
+  TORCH_CHECK(n >= 1 && n <= 3 && x.dim() == n + 2 && g.dim() == n + 2 && x.size(0) == g.size(0), op,
+              ": x ", x.sizes(), " and g ", g.sizes(), " do not fit a weight ", ws);
+  TORCH_CHECK(static_cast<int64_t>(stride.size()) == n && static_cast<int64_t>(padding.size()) == n &&
+                  static_cast<int64_t>(dilation.size()) == n,
+              op, ": stride, padding and dilation need ", n, " entries each");
+  TORCH_CHECK(groups >= 1 && x.size(1) == ws[1] * groups && g.size(1) == ws[0] && ws[0] % groups == 0,
+              op, ": channels of x ", x.size(1), " / g ", g.size(1), " do not match weight ", ws,
+              " with groups=", groups);
+}
+
+// ---------------------------------------------------------------------------------------------
+// norms
+// ---------------------------------------------------------------------------------------------
+
+// ‖g_iᵀ a_i‖² of a [b, T, D] and g [b, T, P] (accumulation dtype, any strides) into out[0:b].
+void ghost_sq_norms_into(const at::Tensor& a, const at::Tensor& g, at::Tensor out) {
+  const at::Tensor gram_a = at::bmm(a, a.transpose(1, 2));  // [b, T, T]
+  const at::Tensor gram_g = at::bmm(g, g.transpose(1, 2));
+  row_dots_into(gram_a, gram_g, out);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_weight_sq_norms_cpu(const at::Tensor& a, const at::Tensor& g,
+                                                              c10::string_view route, bool with_bias) {
+  constexpr const char* op = "dpsat_fast::linear_weight_sq_norms";
+  check_floating_cpu(op, "a", a);
+  check_floating_cpu(op, "g", g);
+  check_route(op, route);
+  TORCH_CHECK(a.dim() == 3 && g.dim() == 3 && a.size(0) == g.size(0) && a.size(1) == g.size(1), op,
+              ": a [B, T, D] and g [B, T, P] must agree, got ", a.sizes(), " and ", g.sizes());
+  const int64_t B = a.size(0), T = a.size(1), D = a.size(2), P = g.size(2);
+  at::Tensor w = accum_empty(a, {B});
+  at::Tensor b = accum_empty(a, {with_bias ? B : 0});
+  if (B == 0) return {w, b};
+  if (T == 1) {
+    // rank one: ‖g_i a_iᵀ‖² = ‖a_i‖²·‖g_i‖²
+    const at::Tensor sa = row_sq_norms(to_accum(a).reshape({B, D}));
+    const at::Tensor sg = row_sq_norms(to_accum(g).reshape({B, P}));
+    w.copy_(sa * sg);
+    if (with_bias) b.copy_(sg);
+    return {w, b};
+  }
+  const bool ghost = route == "ghost";
+  const int64_t step = chunk_size(ghost ? T * T : D * P);
+  for (int64_t s = 0; s < B; s += step) {
+    const int64_t n = std::min(step, B - s);
+    const at::Tensor ac = to_accum(a.narrow(0, s, n)), gc = to_accum(g.narrow(0, s, n));
+    if (ghost) {
+      ghost_sq_norms_into(ac, gc, w.narrow(0, s, n));
+    } else {
+      row_sq_norms_into(at::bmm(gc.transpose(1, 2), ac), w.narrow(0, s, n));  // [n, P, D]
+    }
+  }
+  if (with_bias) row_sq_norms_into(per_example_sums(g), b);
+  return {w, b};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_weight_sq_norms_cpu(
+    const at::Tensor& x, const at::Tensor& g, at::IntArrayRef ws, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view route,
+    bool with_bias) {
+  constexpr const char* op = "dpsat_fast::conv_weight_sq_norms";
+  check_conv(op, x, g, ws, stride, padding, dilation, groups);
+  check_route(op, route);
+  const int64_t B = x.size(0);
+  const int64_t T = positions_by_channels(g).size(1);
+  at::Tensor w = accum_empty(x, {B});
+  at::Tensor b = accum_empty(x, {with_bias ? B : 0});
+  if (B == 0) return {w, b};
+  int64_t weight_numel = 1;
+  for (auto s : ws) weight_numel *= s;
+  if (route == "instantiate") {
+    const int64_t step = chunk_size(weight_numel);
+    for (int64_t s = 0; s < B; s += step) {
+      const int64_t n = std::min(step, B - s);
+      const at::Tensor pe = conv_per_example_weight_grads(x.narrow(0, s, n), g.narrow(0, s, n), ws,
+                                                          stride, padding, dilation, groups);
+      row_sq_norms_into(pe.view({n, -1}), w.narrow(0, s, n));
+    }
+  } else {
+    // ghost, per (example, group): a [T, D_k] the unfolded input, g [T, P_k]
+    const int64_t d_k = weight_numel / ws[0], p_k = ws[0] / groups;
+    const int64_t step = chunk_size(groups * T * T);
+    at::Tensor per_group = accum_empty(x, {B * groups});
+    for (int64_t s = 0; s < B; s += step) {
+      const int64_t n = std::min(step, B - s);
+      const at::Tensor cols = unfold_patches(to_accum(x.narrow(0, s, n)), ws.slice(2), stride, padding,
+                                             dilation)
+                                  .reshape({n * groups, d_k, T});
+      const at::Tensor gc = to_accum(g.narrow(0, s, n)).reshape({n * groups, p_k, T});
+      ghost_sq_norms_into(cols.transpose(1, 2), gc.transpose(1, 2), per_group.narrow(0, s * groups, n * groups));
+    }
+    w.copy_(per_group.view({B, groups}).sum(1));
+  }
+  if (with_bias) row_sq_norms_into(per_example_sums(positions_by_channels(g)), b);
+  return {w, b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_per_example_grads_cpu(
+    const at::Tensor& x, const at::Tensor& g, at::IntArrayRef ws, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool with_bias) {
+  constexpr const char* op = "dpsat_fast::conv_per_example_grads";
+  check_conv(op, x, g, ws, stride, padding, dilation, groups);
+  const int64_t B = x.size(0);
+  const at::Tensor pe = conv_per_example_weight_grads(x, g, ws, stride, padding, dilation, groups);
+  at::Tensor w_sq = accum_empty(x, {B});
+  row_sq_norms_into(pe.view({B, pe.numel() / std::max<int64_t>(B, 1)}), w_sq);
+  at::Tensor db = accum_empty(x, {0}), b_sq = accum_empty(x, {0});
+  if (with_bias) {
+    db = per_example_sums(positions_by_channels(g)).contiguous();
+    b_sq = row_sq_norms(db);
+  }
+  return {pe, db, w_sq, b_sq};
+}
+
+// ---------------------------------------------------------------------------------------------
+// clipped sums with noise
+// ---------------------------------------------------------------------------------------------
+
+void add_noise_if(at::Tensor& t, int64_t seed, int64_t offset, double noise_std) {
+  if (noise_std != 0.0) cpu::add_noise_(t, seed, offset, noise_std);
+}
+
+// Σ_i s_i Σ_t g_{i,t}: g [B, T, P] (any strides), scale [B] -> [P]
+at::Tensor scaled_bias_sum(const at::Tensor& g3, const at::Tensor& scale) {
+  return at::mv(per_example_sums(g3).t(), scale.to(accum_type(g3)));
+}
+
+// x * s_i along dim 0 in the accumulation dtype.
+at::Tensor scale_examples(const at::Tensor& x, const at::Tensor& scale) {
+  std::vector<int64_t> view(x.dim(), 1);
+  view[0] = x.size(0);
+  return to_accum(x) * scale.to(accum_type(x)).view(view);
+}
+
+void check_scale(const char* op, const at::Tensor& scale, int64_t B) {
+  check_floating_cpu(op, "scale", scale);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == B, op, ": scale must be [B] = [", B, "], got ",
+              scale.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_clipped_sum_with_noise_cpu(
+    const at::Tensor& a, const at::Tensor& g, const at::Tensor& scale, bool with_bias, int64_t seed,
+    int64_t weight_offset, int64_t bias_offset, double noise_std) {
+  constexpr const char* op = "dpsat_fast::linear_clipped_sum_with_noise";
+  check_floating_cpu(op, "a", a);
+  check_floating_cpu(op, "g", g);
+  TORCH_CHECK(a.dim() == 3 && g.dim() == 3 && a.size(0) == g.size(0) && a.size(1) == g.size(1), op,
+              ": a [B, T, D] and g [B, T, P] must agree, got ", a.sizes(), " and ", g.sizes());
+  const int64_t B = a.size(0), T = a.size(1), D = a.size(2), P = g.size(2);
+  check_scale(op, scale, B);
+  check_noise(op, seed, weight_offset, P * D, noise_std);
+  check_noise(op, seed, bias_offset, with_bias ? P : 0, noise_std);
+  // one GEMM (diag(s) g)ᵀ a; the per-example scale goes on the narrower operand
+  at::Tensor w;
+  if (P <= D) {
+    w = at::mm(scale_examples(g, scale).reshape({B * T, P}).t(), to_accum(a).reshape({B * T, D}));
+  } else {
+    w = at::mm(to_accum(g).reshape({B * T, P}).t(), scale_examples(a, scale).reshape({B * T, D}));
+  }
+  w = w.contiguous();
+  add_noise_if(w, seed, weight_offset, noise_std);
+  at::Tensor b = accum_empty(a, {0});
+  if (with_bias) {
+    b = scaled_bias_sum(g, scale);
+    add_noise_if(b, seed, bias_offset, noise_std);
+  }
+  return {w, b};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_clipped_sum_with_noise_cpu(
+    const at::Tensor& x, const at::Tensor& g, const at::Tensor& scale, at::IntArrayRef ws,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    bool with_bias, int64_t seed, int64_t weight_offset, int64_t bias_offset, double noise_std) {
+  constexpr const char* op = "dpsat_fast::conv_clipped_sum_with_noise";
+  check_conv(op, x, g, ws, stride, padding, dilation, groups);
+  const int64_t B = x.size(0);
+  check_scale(op, scale, B);
+  int64_t weight_numel = 1;
+  for (auto s : ws) weight_numel *= s;
+  check_noise(op, seed, weight_offset, weight_numel, noise_std);
+  check_noise(op, seed, bias_offset, with_bias ? ws[0] : 0, noise_std);
+  // Σ_i s_i ∂W_i is the weight-gradient of (x, diag(s) g), or of (diag(s) x, g): scale the smaller
+  const bool scale_x = x.numel() <= g.numel();
+  const at::Tensor xs = scale_x ? scale_examples(x, scale) : to_accum(x);
+  const at::Tensor gs = scale_x ? to_accum(g) : scale_examples(g, scale);
+  at::Tensor w = conv_weight_grad(gs, xs, ws, stride, padding, dilation, groups).contiguous();
+  add_noise_if(w, seed, weight_offset, noise_std);
+  at::Tensor b = accum_empty(x, {0});
+  if (with_bias) {
+    b = scaled_bias_sum(positions_by_channels(g), scale);
+    add_noise_if(b, seed, bias_offset, noise_std);
+  }
+  return {w, b};
+}
+
+// out[k] = Σ_i s_i grads[i, k] + σ·ξ[k]: one pass over grads, the noise added per 512-column block
+// while the block's sums are still in L1.
+template <typename T>
+void clipped_sum_noise_kernel(const T* grads, const T* s, int64_t B, int64_t K, uint64_t seed,
+                              uint64_t offset, double noise_std, T* out) {
+  const T std_acc = static_cast<T>(noise_std);
+  constexpr int64_t kBlock = cpu::kNoiseBlock;
+  at::parallel_for(0, (K + kBlock - 1) / kBlock, std::max<int64_t>(1, kGrain / std::max<int64_t>(B * kBlock, 1)),
+                   [&](int64_t first, int64_t last) {
+                     alignas(64) T acc[kBlock];
+                     alignas(64) float xi[kBlock];
+                     for (int64_t blk = first; blk < last; ++blk) {
+                       const int64_t start = blk * kBlock, n = std::min(kBlock, K - start);
+                       std::fill(acc, acc + n, T(0));
+                       for (int64_t i = 0; i < B; ++i) {
+                         const T si = s[i];
+                         const T* row = grads + i * K + start;
+                         for (int64_t j = 0; j < n; ++j) acc[j] += si * row[j];
+                       }
+                       if (noise_std != 0.0) {
+                         cpu::fill_normals(seed, offset + static_cast<uint64_t>(start), n, xi);
+                         for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + std_acc * static_cast<T>(xi[j]);
+                       }
+                       std::copy(acc, acc + n, out + start);
+                     }
+                   });
+}
+
+at::Tensor per_example_clipped_sum_with_noise_cpu(const at::Tensor& grads, const at::Tensor& scale,
+                                                  int64_t seed, int64_t offset, double noise_std) {
+  constexpr const char* op = "dpsat_fast::per_example_clipped_sum_with_noise";
+  check_floating_cpu(op, "grads", grads);
+  TORCH_CHECK(grads.dim() == 2, op, ": grads must be [B, K], got ", grads.sizes());
+  const int64_t B = grads.size(0), K = grads.size(1);
+  check_scale(op, scale, B);
+  check_noise(op, seed, offset, K, noise_std);
+  const at::Tensor gc = to_accum(grads).contiguous();
+  const at::Tensor sc = scale.to(gc.scalar_type()).contiguous();
+  at::Tensor out = accum_empty(grads, {K});
+  AT_DISPATCH_FLOATING_TYPES(gc.scalar_type(), "per_example_clipped_sum_with_noise", [&] {
+    clipped_sum_noise_kernel<scalar_t>(gc.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), B, K,
+                                       static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), noise_std,
+                                       out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// norm layers
+// ---------------------------------------------------------------------------------------------
+
+// ∂w_i = Σ_t x̂_{i,t} ⊙ g_{i,t}, ∂b_i = Σ_t g_{i,t} and their squared norms, x̂ and g [B, T, C]: one
+// pass over both. Channel-first storage ([B, C, T] underneath: GroupNorm/InstanceNorm) reduces each
+// contiguous row; channel-last (LayerNorm/RMSNorm) accumulates rows of C per example.
+template <typename T>
+void affine_kernel(const T* x, const T* g, int64_t B, int64_t L, int64_t C, bool channel_first,
+                   T* dw, T* db) {
+  if (channel_first) {  // x, g: [B·C, L]
+    at::parallel_for(0, B * C, row_grain(2 * L), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (dw != nullptr) dw[r] = dot(x + r * L, g + r * L, L);
+        if (db != nullptr) db[r] = sum(g + r * L, L);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, B, row_grain(2 * L * C), [&](int64_t begin, int64_t end) {  // x, g: [B, L, C]
+    for (int64_t i = begin; i < end; ++i) {
+      T* w = dw != nullptr ? dw + i * C : nullptr;
+      T* b = db != nullptr ? db + i * C : nullptr;
+      if (w != nullptr) std::fill(w, w + C, T(0));
+      if (b != nullptr) std::fill(b, b + C, T(0));
+      for (int64_t t = 0; t < L; ++t) {
+        const T* xr = x + (i * L + t) * C;
+        const T* gr = g + (i * L + t) * C;
+        if (w != nullptr) {
+          for (int64_t c = 0; c < C; ++c) w[c] += xr[c] * gr[c];
+        }
+        if (b != nullptr) {
+          for (int64_t c = 0; c < C; ++c) b[c] += gr[c];
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_per_example_grads_cpu(
+    const at::Tensor& xhat, const at::Tensor& g, bool with_weight, bool with_bias) {
+  constexpr const char* op = "dpsat_fast::affine_per_example_grads";
+  check_floating_cpu(op, "xhat", xhat);
+  check_floating_cpu(op, "g", g);
+  TORCH_CHECK(g.dim() == 3 && xhat.sizes() == g.sizes(), op, ": xhat and g must both be [B, T, C], got ",
+              xhat.sizes(), " and ", g.sizes());
+  const int64_t B = g.size(0), L = g.size(1), C = g.size(2);
+  const bool channel_first = C > 1 && L > 1 && g.stride(1) == 1 && xhat.stride(1) == 1;
+  const auto layout = [&](const at::Tensor& t) {
+    return channel_first ? to_accum(t).transpose(1, 2).contiguous() : to_accum(t).contiguous();
+  };
+  const at::Tensor gc = layout(g);
+  const at::Tensor xc = with_weight ? layout(xhat) : gc;
+  at::Tensor dw = accum_empty(g, {with_weight ? B : 0, C});
+  at::Tensor db = accum_empty(g, {with_bias ? B : 0, C});
+  AT_DISPATCH_FLOATING_TYPES(gc.scalar_type(), "affine_per_example_grads", [&] {
+    affine_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), B, L, C, channel_first,
+                            with_weight ? dw.mutable_data_ptr<scalar_t>() : nullptr,
+                            with_bias ? db.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  at::Tensor w_sq = accum_empty(g, {0}), b_sq = accum_empty(g, {0});
+  if (with_weight) {
+    w_sq = row_sq_norms(dw);
+  } else {
+    dw = accum_empty(g, {0});
+  }
+  if (with_bias) {
+    b_sq = row_sq_norms(db);
+  } else {
+    db = accum_empty(g, {0});
+  }
+  return {dw, db, w_sq, b_sq};
+}
+
+// ---------------------------------------------------------------------------------------------
+// DP-SAT's multi-tensor passes
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kMultiTensorChunk = int64_t{1} << 16;
+
+void check_multi_tensor(const char* op, const char* name, const at::Tensor& t) {
+  check_floating_cpu(op, name, t);
+  TORCH_CHECK(t.is_contiguous(), op, ": every tensor of ", name, " must be contiguous");
+}
+
+// Σ over all tensors of Σ x²: float32 (float64 if any input is float64); partial sums per 64K-element
+// chunk, added in chunk order (deterministic for any thread count).
+at::Tensor multi_tensor_sq_norm_cpu(at::TensorList tensors) {
+  constexpr const char* op = "dpsat_fast::multi_tensor_sq_norm";
+  bool any_double = false;
+  std::vector<at::Tensor> acc;
+  acc.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    check_floating_cpu(op, "tensors", t);
+    any_double = any_double || t.scalar_type() == at::kDouble;
+  }
+  struct Chunk {
+    size_t tensor;
+    int64_t start, n;
+  };
+  std::vector<Chunk> chunks;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    // float32/float64 as they are; 16-bit tensors widened to float32
+    acc.push_back(tensors[k].scalar_type() == at::kDouble ? tensors[k].contiguous()
+                                                          : tensors[k].to(at::kFloat).contiguous());
+    for (int64_t s = 0; s < acc.back().numel(); s += kMultiTensorChunk) {
+      chunks.push_back({k, s, std::min(kMultiTensorChunk, acc.back().numel() - s)});
+    }
+  }
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& ch = chunks[c];
+      const at::Tensor& t = acc[ch.tensor];
+      partial[c] = t.scalar_type() == at::kDouble
+                       ? sum_squares(t.const_data_ptr<double>() + ch.start, ch.n)
+                       : sum_squares_wide(t.const_data_ptr<float>() + ch.start, ch.n);
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
+}
+
+template <typename T>
+void perturb_kernel(T* p, T* backup, const T* d, int64_t n, float alpha_f, double alpha_d) {
+  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const acc_t alpha = std::is_same_v<T, double> ? static_cast<acc_t>(alpha_d) : static_cast<acc_t>(alpha_f);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const T w = p[j];
+      backup[j] = w;
+      // ε = α·d rounded to the parameter dtype first: the same bits as p + (α·d) computed apart
+      const T eps = static_cast<T>(alpha * static_cast<acc_t>(d[j]));
+      p[j] = static_cast<T>(static_cast<acc_t>(w) + static_cast<acc_t>(eps));
+    }
+  });
+}
+
+// backup <- params; params <- params + alpha·direction, in one pass per tensor.
+void multi_tensor_perturb_cpu(at::TensorList params, at::TensorList backup, at::TensorList direction,
+                              const at::Tensor& alpha) {
+  constexpr const char* op = "dpsat_fast::multi_tensor_perturb_";
+  TORCH_CHECK(params.size() == backup.size() && params.size() == direction.size(), op,
+              ": params, backup and direction must have one tensor each, got ", params.size(), ", ",
+              backup.size(), " and ", direction.size());
+  TORCH_CHECK(alpha.numel() == 1 && alpha.device().is_cpu(), op, ": alpha must be a one-element CPU tensor");
+  const double a = alpha.to(at::kDouble).item<double>();
+  for (size_t k = 0; k < params.size(); ++k) {
+    check_multi_tensor(op, "params", params[k]);
+    check_multi_tensor(op, "backup", backup[k]);
+    check_multi_tensor(op, "direction", direction[k]);
+    TORCH_CHECK(params[k].sizes() == backup[k].sizes() && params[k].sizes() == direction[k].sizes() &&
+                    params[k].scalar_type() == backup[k].scalar_type() &&
+                    params[k].scalar_type() == direction[k].scalar_type(),
+                op, ": tensor ", k, " of params, backup and direction differ in shape or dtype");
+  }
+  const float a_f = static_cast<float>(a);
+  for (size_t k = 0; k < params.size(); ++k) {
+    at::Tensor p = params[k], b = backup[k];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "multi_tensor_perturb_", [&] {
+      perturb_kernel<scalar_t>(p.mutable_data_ptr<scalar_t>(), b.mutable_data_ptr<scalar_t>(),
+                               direction[k].const_data_ptr<scalar_t>(), p.numel(), a_f, a);
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpsat_fast, CPU, m) {
+  m.impl("linear_weight_sq_norms", &linear_weight_sq_norms_cpu);
+  m.impl("conv_weight_sq_norms", &conv_weight_sq_norms_cpu);
+  m.impl("conv_per_example_grads", &conv_per_example_grads_cpu);
+  m.impl("linear_clipped_sum_with_noise", &linear_clipped_sum_with_noise_cpu);
+  m.impl("conv_clipped_sum_with_noise", &conv_clipped_sum_with_noise_cpu);
+  m.impl("per_example_clipped_sum_with_noise", &per_example_clipped_sum_with_noise_cpu);
+  m.impl("affine_per_example_grads", &affine_per_example_grads_cpu);
+  m.impl("multi_tensor_sq_norm", &multi_tensor_sq_norm_cpu);
+  m.impl("multi_tensor_perturb_", &multi_tensor_perturb_cpu);
+}
+
+}  // namespace dpsat_fast
