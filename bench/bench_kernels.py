@@ -8,8 +8,10 @@ gradient ``g`` and times one DP step of that layer — per-example squared norms
 - ``dpsat_fast``   this project's ops (:mod:`dpsat_fast.ops`): ``*_weight_sq_norms`` (route chosen
                    automatically: measured on CUDA, FLOP model on CPU) + ``*_clipped_sum_with_noise``
                    (noise_std = 1, counter-based noise). On CUDA tensors these run the Triton kernels; on
-                   CPU tensors the pure-PyTorch implementation (dpsat_fast/ops/torch_impl.py). The norms
-                   alone and the clipped sum alone are timed as well.
+                   CPU tensors the C++ kernels (csrc/cpu/per_sample.cpp). The norms alone and the clipped
+                   sum alone are timed as well.
+- ``pytorch_ops``  the same ops through their pure-PyTorch implementations (``per_sample.TORCH_IMPLS``, the
+                   path without the compiled extension; dpsat_fast/ops/torch_impl.py), same route.
 - ``materialized`` per-example gradients formed explicitly (Linear: ``torch.bmm``; Conv2d: ``F.unfold``,
                    which allocates the k²-times larger unfolded input, and a batched matmul), then squared
                    norms, the scaled sum ``tensordot`` and ``torch.randn`` noise.
@@ -21,7 +23,7 @@ Layers: ``resnet18`` (CIFAR ResNet-18, 32×32), ``wrn16_4`` (Wide-ResNet-16-4, 3
 (ImageNet ResNet-50, 224×224), i.e. ``resnet18_gn``, ``wrn16_4_gn`` and ``resnet50_gn`` of
 ``dpsat_fast.models`` (GroupNorm does not change the conv/linear shapes). Each row records the geometry,
 T (output positions), D (fan-in per group), P (outputs per group), the route, the median time of each
-provider and the ratios materialized/dpsat_fast and torch_func/dpsat_fast from the same run. A provider
+provider and the ratios materialized/dpsat_fast, torch_func/dpsat_fast and pytorch_ops/dpsat_fast from the same run. A provider
 whose estimated memory exceeds ``--max-gib`` is skipped for that layer (recorded with the reason).
 
 ``--verify`` (on by default) checks the dpsat_fast results of the benchmarked call itself against the
@@ -72,10 +74,11 @@ except ImportError:
 
 import throughput  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
 from dpsat_fast import ops
+from dpsat_fast.ops import per_sample
 from dpsat_fast.models import INPUT_SHAPES, build_model
 
 MODEL_NAMES = {"resnet18": "resnet18_gn", "wrn16_4": "wrn16_4_gn", "resnet50": "resnet50_gn"}
-PROVIDER_NAMES = ("dpsat_fast", "materialized", "torch_func")
+PROVIDER_NAMES = ("dpsat_fast", "materialized", "torch_func", "pytorch_ops")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_BATCH = {"cuda": 64, "cpu": 8}
 DEFAULT_CPU_THREADS = 2
@@ -280,8 +283,46 @@ def torch_func_provider(case: Case) -> dict[str, Callable]:
     return {"step": step}
 
 
+def pytorch_ops_provider(case: Case) -> dict[str, Callable]:
+    """The same two ops through their pure-PyTorch implementations (the path without the compiled
+    extension), same route: on CPU, the C++ kernels against PyTorch."""
+    impls = per_sample.TORCH_IMPLS
+    x, g, bias = case.x, case.g, case.bias
+    w_offset, b_offset = 0, case.weight_numel
+    if case.conv_args is None:
+        route = ops.choose_route(x.shape[1], x.shape[2], g.shape[2])
+
+        def norms():
+            return impls["linear_weight_sq_norms"](x, g, route, bias)
+
+        def clipped_sum(scale, noise_std=NOISE_STD):
+            return impls["linear_clipped_sum_with_noise"](x, g, scale, bias, SEED, w_offset, b_offset, noise_std)
+    else:
+        args = case.conv_args
+        ws, groups = args[0], args[4]
+        route = ops.choose_route(math.prod(g.shape[2:]), math.prod(ws[1:]), ws[0] // groups)
+
+        def norms():
+            return impls["conv_weight_sq_norms"](x, g, *args, route, bias)
+
+        def clipped_sum(scale, noise_std=NOISE_STD):
+            return impls["conv_clipped_sum_with_noise"](x, g, scale, *args, bias, SEED, w_offset, b_offset,
+                                                        noise_std)
+
+    def total_sq_norms():
+        w_sq, b_sq = norms()
+        return w_sq + b_sq if bias else w_sq
+
+    def step():
+        return clipped_sum(clip_factors(total_sq_norms(), case.clip_norm))
+
+    return {"step": step}
+
+
 PROVIDERS = {"dpsat_fast": dpsat_fast_provider, "materialized": materialized_provider,
-             "torch_func": torch_func_provider}
+             "torch_func": torch_func_provider, "pytorch_ops": pytorch_ops_provider}
+# ratios other/dpsat_fast recorded per layer and in the summary
+BASELINES = ("materialized", "torch_func", "pytorch_ops")
 
 
 def estimate_gib(case: Case, provider: str) -> float:
@@ -467,7 +508,7 @@ def run_layer(layer: dict[str, Any], args: argparse.Namespace, device: torch.dev
         torch.cuda.empty_cache()
 
     base = row["providers"].get("dpsat_fast", {}).get("ms")
-    for provider in ("materialized", "torch_func"):
+    for provider in BASELINES:
         ms = row["providers"].get(provider, {}).get("ms")
         row[f"{provider}/dpsat_fast"] = ms / base if ms and base else None
 
@@ -492,19 +533,20 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         entry: dict[str, Any] = {"layers": len(mrows)}
-        for ratio in ("materialized/dpsat_fast", "torch_func/dpsat_fast"):
+        for ratio in (f"{b}/dpsat_fast" for b in BASELINES):
             values = [r[ratio] for r in mrows if r.get(ratio)]
             entry[f"median {ratio}"] = statistics.median(values) if values else None
             entry[f"min {ratio}"] = min(values) if values else None
             entry[f"max {ratio}"] = max(values) if values else None
-        complete = [r for r in mrows if all(p in r["providers"] and r["providers"][p].get("ms")
-                                            for p in PROVIDER_NAMES)]
-        if complete:
-            totals = {p: sum(r["providers"][p]["ms"] * r["count"] for r in complete) for p in PROVIDER_NAMES}
+        ran = [p for p in PROVIDER_NAMES if any(p in r["providers"] for r in mrows)]
+        complete = [r for r in mrows if all(p in r["providers"] and r["providers"][p].get("ms") for p in ran)]
+        if complete and "dpsat_fast" in ran:
+            totals = {p: sum(r["providers"][p]["ms"] * r["count"] for r in complete) for p in ran}
             entry["weighted_total_ms"] = totals
             entry["weighted_total_layers"] = len(complete)
-            entry["total materialized/dpsat_fast"] = totals["materialized"] / totals["dpsat_fast"]
-            entry["total torch_func/dpsat_fast"] = totals["torch_func"] / totals["dpsat_fast"]
+            for b in BASELINES:
+                if b in totals:
+                    entry[f"total {b}/dpsat_fast"] = totals[b] / totals["dpsat_fast"]
         verified = [r["verify"] for r in mrows if "verify" in r]
         if verified:
             entry["verified_layers"] = len(verified)
@@ -515,7 +557,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = ("model", "layer", "shape", "n", "T", "D", "P", "route", "dpsat ms", "norms", "sum",
-              "mat ms", "tfunc ms", "mat/dp", "tf/dp", "verify")
+              "mat ms", "tfunc ms", "pt ms", "mat/dp", "tf/dp", "pt/dp", "verify")
 
     def ms(row, provider, key="ms"):
         entry = row["providers"].get(provider)
@@ -537,7 +579,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append((r["model"], r["layer"], describe(r), str(r["count"]), str(r["T"]), str(r["D"]),
                       str(r["P"]), str(r["route"]), ms(r, "dpsat_fast"), ms(r, "dpsat_fast", "norms_ms"),
                       ms(r, "dpsat_fast", "clipped_sum_ms"), ms(r, "materialized"), ms(r, "torch_func"),
-                      ratio(r.get("materialized/dpsat_fast")), ratio(r.get("torch_func/dpsat_fast")), verify))
+                      ms(r, "pytorch_ops"), ratio(r.get("materialized/dpsat_fast")),
+                      ratio(r.get("torch_func/dpsat_fast")), ratio(r.get("pytorch_ops/dpsat_fast")), verify))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 

@@ -106,7 +106,7 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     assert [(r["model"], r["kind"]) for r in rows] == [("resnet18", "conv"), ("resnet18", "conv")]
     for r in rows:
         assert r["T"] > 0 and r["D"] > 0 and r["P"] > 0 and r["route"] in ("ghost", "instantiate")
-        for provider in ("dpsat_fast", "materialized", "torch_func"):
+        for provider in ("dpsat_fast", "materialized", "torch_func", "pytorch_ops"):
             assert r["providers"][provider]["ms"] > 0, r["providers"][provider]
         assert r["providers"]["dpsat_fast"]["norms_ms"] > 0
         assert r["providers"]["dpsat_fast"]["clipped_sum_ms"] > 0

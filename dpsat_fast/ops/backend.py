@@ -1,9 +1,10 @@
-"""Which implementation a per-sample op runs: Triton kernels or pure PyTorch (+ the C++ CPU kernels).
+"""Whether a per-sample op runs its Triton kernels.
 
-``auto`` (default): Triton for CUDA tensors, pure PyTorch / C++ for CPU tensors. ``triton``: Triton for
-every supported tensor, CPU ones included (needs the interpreter, ``TRITON_INTERPRET=1``; this is how
-the Triton path is tested without a GPU). ``torch``: never Triton. Set with :func:`set_kernel_backend` or
-the ``DPSAT_FAST_KERNELS`` environment variable. fp64 inputs and Conv3d always take the PyTorch path.
+``auto`` (default): Triton for CUDA tensors; CPU tensors run the C++ kernels of the extension (pure
+PyTorch without it). ``triton``: Triton for every supported tensor, CPU ones included (needs the
+interpreter, ``TRITON_INTERPRET=1``; this is how the Triton path is tested without a GPU). ``torch``: never
+Triton (C++ on CPU, pure PyTorch on CUDA). Set with :func:`set_kernel_backend` or the
+``DPSAT_FAST_KERNELS`` environment variable. fp64 inputs and Conv3d never take Triton.
 """
 from __future__ import annotations
 
