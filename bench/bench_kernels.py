@@ -39,7 +39,7 @@ providers alike and the ratios of one run stay comparable.
 
 Usage::
 
-    # CPU (pure-PyTorch path of the ops; batch 8 by default), ~2-3 minutes on 2 cores:
+    # CPU (the C++ kernels of the ops, and their pure-PyTorch implementations; batch 8 by default):
     python bench/bench_kernels.py --device cpu --models resnet18 wrn16_4 --out bench/results/kernels_cpu.json
     python bench/bench_kernels.py --device cpu --models resnet50 --batch 2 --max-layers 6 \
         --out bench/results/kernels_cpu_resnet50.json

@@ -164,8 +164,9 @@ def conv_reference(w, x, g, args):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("route", ["ghost", "instantiate"])
 @pytest.mark.parametrize("case", CONV, ids=CONV_IDS)
-def test_conv_weight_sq_norms(dtype, route, case):
-    w, x, g, args = conv_case(case, dtype=dtype)
+@pytest.mark.parametrize("batch", [3, 33])
+def test_conv_weight_sq_norms(dtype, route, case, batch):
+    w, x, g, args = conv_case(case, batch=batch, dtype=dtype)
     pw, pb = conv_reference(w, x, g, args)
     ours = op("conv_weight_sq_norms")(x, g, *args, route, True)
     base = TORCH["conv_weight_sq_norms"](x.float(), g.float(), *args, route, True)
@@ -176,8 +177,9 @@ def test_conv_weight_sq_norms(dtype, route, case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CONV, ids=CONV_IDS)
-def test_conv_per_example_grads(dtype, case):
-    w, x, g, args = conv_case(case, dtype=dtype)
+@pytest.mark.parametrize("batch", [3, 33])  # below / above the batch from which the kernel loops over examples
+def test_conv_per_example_grads(dtype, case, batch):
+    w, x, g, args = conv_case(case, batch=batch, dtype=dtype)
     pw, pb = conv_reference(w, x, g, args)
     ours = op("conv_per_example_grads")(x, g, *args, True)
     base = TORCH["conv_per_example_grads"](x.float(), g.float(), *args, True)

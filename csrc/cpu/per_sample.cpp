@@ -281,6 +281,13 @@ at::Tensor conv_weight_grad(const at::Tensor& g, const at::Tensor& x, at::IntArr
                                               groups, {false, true, false}));
 }
 
+// From this batch size on, per-example conv weight-gradients are one dense weight-gradient per example;
+// below it, one convolution with the batch folded into the groups. Measured here (2 threads, 3×3 convs):
+// at B = 64 the loop costs about the batch's own weight-gradient, where the folded convolution is as fast
+// at 64 channels on 32×32 but 1.5× slower at 128 on 16×16 and 4× slower at 256 on 8×8; at B = 8 the
+// folded convolution was about 10 % faster (bench/results/kernels_cpu.json).
+constexpr int64_t kPerExampleLoopMinBatch = 32;
+
 // Per-example weight gradients [b, *weight_shape] in the accumulation dtype.
 at::Tensor conv_per_example_weight_grads(const at::Tensor& x, const at::Tensor& g,
                                          at::IntArrayRef ws, at::IntArrayRef stride,
@@ -309,10 +316,20 @@ at::Tensor conv_per_example_weight_grads(const at::Tensor& x, const at::Tensor& 
       return at::bmm(gt, a.transpose(1, 2)).view(out_shape);
     }
   }
-  // one dense convolution weight-gradient per example. Measured here (2 threads, B = 64, 3×3 convs): as
-  // fast as the batch's own weight-gradient, where folding the batch into the groups of one convolution
-  // is 1.5× slower at 128 channels on 16×16 and 4× slower at 256 on 8×8.
   const at::Tensor xa = to_accum(x), ga = to_accum(g);
+  if (b < kPerExampleLoopMinBatch) {
+    // small batches: one convolution weight-gradient with the batch folded into the groups
+    std::vector<int64_t> gshape = {1, b * g.size(1)}, xshape = {1, b * x.size(1)};
+    std::vector<int64_t> wshape = {b * ws[0]};
+    for (int64_t d = 0; d < n; ++d) {
+      gshape.push_back(g.size(2 + d));
+      xshape.push_back(x.size(2 + d));
+    }
+    wshape.insert(wshape.end(), ws.begin() + 1, ws.end());
+    return conv_weight_grad(ga.reshape(gshape), xa.reshape(xshape), wshape, stride, padding, dilation, b * groups)
+        .view(out_shape);
+  }
+  // one dense convolution weight-gradient per example
   at::Tensor pe = at::empty(out_shape, x.options().dtype(acc));
   for (int64_t i = 0; i < b; ++i) {
     pe[i].copy_(conv_weight_grad(ga.narrow(0, i, 1), xa.narrow(0, i, 1), ws, stride, padding, dilation, groups));
