@@ -74,7 +74,8 @@ class BookKeepingEngine:
         max_grad_norm: clipping norm C.
         loss_reduction: ``"mean"`` if the loss averages over the batch dimension (the engine rescales the
             output gradients by the realized batch size to get per-example gradients), ``"sum"`` otherwise.
-        clipping: ``"flat"``, ``"automatic"`` or a :class:`~dpsat_fast.clipping.ClippingStyle`.
+        clipping: ``"flat"``, ``"automatic"``, ``"per_layer"`` or a :class:`~dpsat_fast.clipping.ClippingStyle`
+            (e.g. :class:`~dpsat_fast.clipping.GroupWiseClipping`).
     """
 
     def __init__(self, module: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean",
@@ -108,6 +109,7 @@ class BookKeepingEngine:
                 owners[id(p)].append((rec, pn))
                 self.param_keys.setdefault(p, f"{name}.{pn}" if name else pn)
         self.params: List[nn.Parameter] = list(self.param_keys)
+        self.clipping.bind({key: p.numel() for p, key in self.param_keys.items()})
         self._shared = {id(p): owners[id(p)] for p in self.params if len(owners[id(p)]) > 1}
         # per record: parameter names it handles alone (shared ones go through per-example grads)
         self._own_names = {id(rec): [pn for pn in rec.param_names

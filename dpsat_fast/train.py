@@ -3,9 +3,10 @@
     python -m dpsat_fast.train --target-epsilon 3 --epochs 20 --method dpsat --rho 0.05
 
 DP-SAT by default (--method dpsgd or dpsam for the baselines). Poisson sampling with rate q = batch_size / N, σ calibrated so that ε ≤ target after all steps (or given
-with --noise-multiplier), flat clipping at --max-grad-norm, noise added once per logical batch, logical
-batches split into physical micro-batches of at most --physical-batch-size examples. Prints a progress
-bar per epoch and, at the end, test accuracy and the ε spent (PLD accountant by default).
+with --noise-multiplier), clipping at --max-grad-norm (--clipping flat, automatic or per_layer), noise added
+once per logical batch, logical batches split into physical micro-batches of at most --physical-batch-size
+examples. Prints a progress bar per epoch and, at the end, test accuracy, expected calibration error (ECE,
+15 bins) and the ε spent (PLD accountant by default).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from .clipping import STYLES
 from .data import PoissonDataLoader, split_micro_batches
+from .metrics import expected_calibration_error
 from .models import DigitsCNN
 from .optim import DPSAT
 from .privacy_engine import PrivacyEngine
@@ -43,13 +46,19 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: TensorDataset) -> float:
+def evaluate_metrics(model: torch.nn.Module, dataset: TensorDataset) -> Dict[str, float]:
+    """Test accuracy and expected calibration error (15 bins) of ``model`` on ``dataset``."""
     was_training = model.training
     model.eval()
     x, y = dataset.tensors
-    acc = (model(x).argmax(1) == y).float().mean().item()
+    probs = model(x).softmax(1)
     model.train(was_training)
-    return acc
+    return {"accuracy": (probs.argmax(1) == y).float().mean().item(),
+            "ece": expected_calibration_error(probs, y)}
+
+
+def evaluate(model: torch.nn.Module, dataset: TensorDataset) -> float:
+    return evaluate_metrics(model, dataset)["accuracy"]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -64,6 +73,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
+    p.add_argument("--clipping", choices=STYLES, default="flat",
+                   help="flat (one norm), automatic (normalization C/(‖g‖+0.01)) or per_layer (budget C/√L per layer)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--target-epsilon", type=float, default=3.0)
     g.add_argument("--noise-multiplier", type=float, default=None, help="σ (instead of --target-epsilon)")
@@ -97,11 +108,13 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
     privacy_engine = PrivacyEngine(args.accountant)
     model, optimizer, loader = privacy_engine.make_private(
         module=model, optimizer=base, data_loader=loader, max_grad_norm=args.max_grad_norm, loss_reduction="sum",
+        clipping=args.clipping,
         seed=args.seed, sam_rho=0.0 if args.method == "dpsgd" else args.rho,
         sam_method="dpsam" if args.method == "dpsam" else "dpsat", **budget)
     engine, accountant, sigma = privacy_engine.engine, privacy_engine.accountant, optimizer.noise_multiplier
     print(f"{METHOD_NAMES[args.method]} on digits: N={n}, q={sample_rate:.4f}, steps={total_steps}, σ={sigma:.4f}, "
-          f"C={args.max_grad_norm}, δ={args.delta:g}, {sum(p.numel() for p in engine.params)} parameters")
+          f"C={args.max_grad_norm} ({args.clipping}), δ={args.delta:g}, {sum(p.numel() for p in engine.params)} "
+          f"parameters")
     start = time.perf_counter()
     for epoch in range(args.epochs):
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress, leave=False)
@@ -129,11 +142,15 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
     if isinstance(optimizer, DPSAT):
         optimizer.detach()
     engine.detach()
-    result = {"method": args.method, "rho": args.rho if args.method != "dpsgd" else 0.0, "test_accuracy": evaluate(model, test_set), "epsilon": accountant.get_epsilon(args.delta),
-              "delta": args.delta, "noise_multiplier": sigma, "steps": accountant.steps,
-              "seconds": seconds}
-    print(f"{METHOD_NAMES[args.method]}: test accuracy: {result['test_accuracy']:.4f}  ε = {result['epsilon']:.3f} (δ = {args.delta:g}, "
-          f"{args.accountant.upper()}, σ = {sigma:.4f}, {result['steps']} steps, {result['seconds']:.1f} s)")
+    metrics = evaluate_metrics(model, test_set)
+    result = {"method": args.method, "rho": args.rho if args.method != "dpsgd" else 0.0,
+              "clipping": args.clipping, "max_grad_norm": args.max_grad_norm,
+              "test_accuracy": metrics["accuracy"], "test_ece": metrics["ece"],
+              "epsilon": accountant.get_epsilon(args.delta), "delta": args.delta, "noise_multiplier": sigma,
+              "steps": accountant.steps, "seconds": seconds}
+    print(f"{METHOD_NAMES[args.method]}: test accuracy: {result['test_accuracy']:.4f}  ECE: {result['test_ece']:.4f}  "
+          f"ε = {result['epsilon']:.3f} (δ = {args.delta:g}, {args.accountant.upper()}, σ = {sigma:.4f}, "
+          f"{result['steps']} steps, {result['seconds']:.1f} s)")
     return result
 
 

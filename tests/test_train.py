@@ -28,3 +28,12 @@ def test_train_command_methods(capsys):
 
 def test_train_defaults_to_dpsat():
     assert parse_args([]).method == "dpsat"
+
+
+def test_train_reports_ece_and_takes_a_clipping_style(capsys):
+    result = train(parse_args(["--epochs", "1", "--no-progress", "--method", "dpsgd", "--noise-multiplier", "1.0",
+                               "--accountant", "rdp", "--clipping", "per_layer", "--max-grad-norm", "5"]))
+    out = capsys.readouterr().out
+    assert "ECE:" in out and "(per_layer)" in out
+    assert result["clipping"] == "per_layer" and result["max_grad_norm"] == 5.0
+    assert 0.0 <= result["test_ece"] <= 1.0
