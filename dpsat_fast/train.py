@@ -26,6 +26,7 @@ from .metrics import expected_calibration_error
 from .models import DigitsCNN
 from .optim import DPSAT
 from .privacy_engine import PrivacyEngine
+from .selection import parse_selection, select_trainable
 from .validation import check_delta
 
 
@@ -80,6 +81,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--noise-multiplier", type=float, default=None, help="σ (instead of --target-epsilon)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
+    p.add_argument("--checkpoint", default=None,
+                   help="start from these weights: a model state_dict, or a dpsat_fast checkpoint (its 'model')")
+    p.add_argument("--trainable", default="all",
+                   help="which parameters train (the rest is frozen and costs nothing): all, or '+'-joined "
+                        "last:K, norms, head, bias, pattern:GLOB[,GLOB] (e.g. norms+head)")
+    p.add_argument("--save-model", default=None, help="write the final model's state_dict here")
     p.add_argument("--seed", type=int, default=0, help="seed for data split, init, sampling and noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -96,8 +103,13 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
     steps_per_epoch = int(round(1 / sample_rate))
     total_steps = args.epochs * steps_per_epoch
     model = DigitsCNN()
-    base = (torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum) if args.optimizer == "sgd"
-            else torch.optim.Adam(model.parameters(), lr=args.lr))
+    if args.checkpoint is not None:
+        state = torch.load(args.checkpoint, weights_only=True)
+        model.load_state_dict(state["model"] if "model" in state and "format_version" in state else state)
+    trainable = select_trainable(model, **parse_selection(args.trainable))
+    params = [p for p in model.parameters() if p.requires_grad]
+    base = (torch.optim.SGD(params, lr=args.lr, momentum=args.momentum) if args.optimizer == "sgd"
+            else torch.optim.Adam(params, lr=args.lr))
     loader = PoissonDataLoader(train_set, sample_rate=sample_rate, steps=steps_per_epoch,
                                generator=torch.Generator().manual_seed(args.seed + 1))
     if args.noise_multiplier is None:
@@ -114,7 +126,7 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
     engine, accountant, sigma = privacy_engine.engine, privacy_engine.accountant, optimizer.noise_multiplier
     print(f"{METHOD_NAMES[args.method]} on digits: N={n}, q={sample_rate:.4f}, steps={total_steps}, σ={sigma:.4f}, "
           f"C={args.max_grad_norm} ({args.clipping}), δ={args.delta:g}, {sum(p.numel() for p in engine.params)} "
-          f"parameters")
+          f"trainable parameters in {len(trainable)} tensors ({args.trainable})")
     start = time.perf_counter()
     for epoch in range(args.epochs):
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress, leave=False)
@@ -143,8 +155,10 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
         optimizer.detach()
     engine.detach()
     metrics = evaluate_metrics(model, test_set)
+    if args.save_model is not None:
+        torch.save(model.state_dict(), args.save_model)
     result = {"method": args.method, "rho": args.rho if args.method != "dpsgd" else 0.0,
-              "clipping": args.clipping, "max_grad_norm": args.max_grad_norm,
+              "clipping": args.clipping, "max_grad_norm": args.max_grad_norm, "trainable": args.trainable,
               "test_accuracy": metrics["accuracy"], "test_ece": metrics["ece"],
               "epsilon": accountant.get_epsilon(args.delta), "delta": args.delta, "noise_multiplier": sigma,
               "steps": accountant.steps, "seconds": seconds}

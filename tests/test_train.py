@@ -37,3 +37,21 @@ def test_train_reports_ece_and_takes_a_clipping_style(capsys):
     assert "ECE:" in out and "(per_layer)" in out
     assert result["clipping"] == "per_layer" and result["max_grad_norm"] == 5.0
     assert 0.0 <= result["test_ece"] <= 1.0
+
+
+def test_fine_tune_selected_layers_from_a_checkpoint(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "pretrained.pt"
+    train(parse_args(["--epochs", "1", "--no-progress", "--method", "dpsgd", "--noise-multiplier", "1.0",
+                      "--accountant", "rdp", "--save-model", str(path)]))
+    pretrained = torch.load(path, weights_only=True)
+    out = tmp_path / "tuned.pt"
+    result = train(parse_args(["--epochs", "1", "--no-progress", "--noise-multiplier", "1.0", "--accountant", "rdp",
+                               "--checkpoint", str(path), "--trainable", "norms+head", "--save-model", str(out)]))
+    assert result["trainable"] == "norms+head" and "in 6 tensors (norms+head)" in capsys.readouterr().out
+    tuned = torch.load(out, weights_only=True)
+    trainable = {"features.1.weight", "features.1.bias", "features.5.weight", "features.5.bias",
+                 "classifier.3.weight", "classifier.3.bias"}
+    for name, before in pretrained.items():
+        assert torch.equal(tuned[name], before) == (name not in trainable), name
