@@ -43,7 +43,7 @@ class PrivacyEngine:
                      epochs: Optional[int] = None, poisson_sampling: bool = True, loss_reduction: str = "mean",
                      clipping: str | ClippingStyle = "flat", seed: Optional[int] = None,
                      sam_rho: float = 0.0, sam_method: str = "dpsat", sam_direction: str = "noisy_gradient",
-                     allow_non_private: bool = False) -> Tuple[nn.Module, DPOptimizer, DataLoader]:
+                     allow_non_private: bool = False, sparsity=None) -> Tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach the engine to ``module``, wrap ``optimizer``, and return a Poisson version of ``data_loader``.
 
         Give either ``noise_multiplier`` or ``target_epsilon`` with ``target_delta`` and ``epochs`` (σ is then
@@ -52,6 +52,7 @@ class PrivacyEngine:
         ``sam_rho > 0`` makes the optimizer DP-SAT (``sam_method="dpsat"``, same privacy cost as DP-SGD;
         ``sam_direction`` "noisy_gradient" or "last_update"), or the two-query DP-SAM baseline
         (``sam_method="dpsam"``, accounted as two compositions per step, needs ``step(closure)``).
+        ``sparsity``: a :mod:`dpsat_fast.pruning` method (pre-pruning, gradient dropping) for the optimizer.
         """
         if sam_method not in ("dpsat", "dpsam"):
             raise PrivacyConfigError(f"sam_method must be 'dpsat' or 'dpsam', got {sam_method!r}")
@@ -79,7 +80,7 @@ class PrivacyEngine:
                                         clipping=clipping)
         common = dict(engine=self.engine, noise_multiplier=noise_multiplier,
                       expected_batch_size=loader.expected_batch_size, seed=seed, accountant=self.accountant,
-                      sample_rate=loader.sample_rate, allow_non_private=allow_non_private)
+                      sample_rate=loader.sample_rate, allow_non_private=allow_non_private, sparsity=sparsity)
         if sam_method == "dpsam":
             self.optimizer = DPSAM(optimizer, rho=sam_rho, **common)
         elif sam_rho > 0:

@@ -26,6 +26,7 @@ from .metrics import expected_calibration_error
 from .models import DigitsCNN
 from .optim import DPSAT
 from .privacy_engine import PrivacyEngine
+from .pruning import GradientDropping, MagnitudePrePruning
 from .selection import parse_selection, select_trainable
 from .validation import check_delta
 
@@ -87,6 +88,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="which parameters train (the rest is frozen and costs nothing): all, or '+'-joined "
                         "last:K, norms, head, bias, pattern:GLOB[,GLOB] (e.g. norms+head)")
     p.add_argument("--save-model", default=None, help="write the final model's state_dict here")
+    p.add_argument("--prune", type=float, default=0.0,
+                   help="magnitude pre-pruning: remove this fraction of the conv/linear weights (global threshold) "
+                        "before private training; they stay zero and get no noise")
+    p.add_argument("--grad-keep", type=float, default=1.0,
+                   help="gradient dropping: each step update only this fraction of each weight tensor, chosen by "
+                        "the previous noisy gradient (public); noise only on the kept coordinates")
     p.add_argument("--seed", type=int, default=0, help="seed for data split, init, sampling and noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -107,6 +114,10 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
         state = torch.load(args.checkpoint, weights_only=True)
         model.load_state_dict(state["model"] if "model" in state and "format_version" in state else state)
     trainable = select_trainable(model, **parse_selection(args.trainable))
+    if args.prune > 0 and args.grad_keep < 1:
+        raise SystemExit("--prune and --grad-keep are exclusive: choose pre-pruning or gradient dropping")
+    sparsity = (MagnitudePrePruning(model, args.prune) if args.prune > 0 else
+                GradientDropping(args.grad_keep) if args.grad_keep < 1 else None)
     params = [p for p in model.parameters() if p.requires_grad]
     base = (torch.optim.SGD(params, lr=args.lr, momentum=args.momentum) if args.optimizer == "sgd"
             else torch.optim.Adam(params, lr=args.lr))
@@ -120,7 +131,7 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
     privacy_engine = PrivacyEngine(args.accountant)
     model, optimizer, loader = privacy_engine.make_private(
         module=model, optimizer=base, data_loader=loader, max_grad_norm=args.max_grad_norm, loss_reduction="sum",
-        clipping=args.clipping,
+        clipping=args.clipping, sparsity=sparsity,
         seed=args.seed, sam_rho=0.0 if args.method == "dpsgd" else args.rho,
         sam_method="dpsam" if args.method == "dpsam" else "dpsat", **budget)
     engine, accountant, sigma = privacy_engine.engine, privacy_engine.accountant, optimizer.noise_multiplier
@@ -159,6 +170,7 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
         torch.save(model.state_dict(), args.save_model)
     result = {"method": args.method, "rho": args.rho if args.method != "dpsgd" else 0.0,
               "clipping": args.clipping, "max_grad_norm": args.max_grad_norm, "trainable": args.trainable,
+              "prune": args.prune, "grad_keep": args.grad_keep,
               "test_accuracy": metrics["accuracy"], "test_ece": metrics["ece"],
               "epsilon": accountant.get_epsilon(args.delta), "delta": args.delta, "noise_multiplier": sigma,
               "steps": accountant.steps, "seconds": seconds}

@@ -55,3 +55,18 @@ def test_fine_tune_selected_layers_from_a_checkpoint(tmp_path, capsys):
                  "classifier.3.weight", "classifier.3.bias"}
     for name, before in pretrained.items():
         assert torch.equal(tuned[name], before) == (name not in trainable), name
+
+
+def test_train_with_pre_pruning_and_gradient_dropping(tmp_path):
+    import torch
+
+    path = tmp_path / "pruned.pt"
+    result = train(parse_args(["--epochs", "1", "--no-progress", "--noise-multiplier", "1.0", "--accountant", "rdp",
+                               "--prune", "0.8", "--save-model", str(path)]))
+    assert result["prune"] == 0.8
+    weights = [t for n, t in torch.load(path, weights_only=True).items() if t.dim() >= 2]
+    zero = sum(int((t == 0).sum()) for t in weights) / sum(t.numel() for t in weights)
+    assert abs(zero - 0.8) < 0.01  # the pruned 80 % are still exactly zero after training
+    result = train(parse_args(["--epochs", "1", "--no-progress", "--noise-multiplier", "1.0", "--accountant", "rdp",
+                               "--grad-keep", "0.1", "--method", "dpsgd"]))
+    assert result["grad_keep"] == 0.1 and 0.0 <= result["test_accuracy"] <= 1.0

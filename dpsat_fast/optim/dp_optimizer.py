@@ -37,11 +37,14 @@ class DPOptimizer(Optimizer):
         accountant: optional :class:`~dpsat_fast.accounting.PrivacyAccountant` advanced once per step.
         sample_rate: q, needed with an accountant.
         allow_non_private: permit σ = 0 (no privacy; for debugging and baselines only).
+        sparsity: optional :class:`~dpsat_fast.pruning.Sparsity` (pre-pruning, gradient dropping): each step
+            releases only its kept coordinates (the noise of the others is dropped with them). Its masks are
+            chosen at the start of the step, from the weights and earlier noisy gradients only.
     """
 
     def __init__(self, optimizer: Optimizer, *, engine: BookKeepingEngine, noise_multiplier: float,
                  expected_batch_size: float, seed: Optional[int] = None, accountant=None,
-                 sample_rate: Optional[float] = None, allow_non_private: bool = False):
+                 sample_rate: Optional[float] = None, allow_non_private: bool = False, sparsity=None):
         check_noise_multiplier(noise_multiplier, allow_zero=allow_non_private)
         if not (isinstance(expected_batch_size, (int, float)) and math.isfinite(expected_batch_size)
                 and expected_batch_size > 0):
@@ -70,6 +73,7 @@ class DPOptimizer(Optimizer):
         self.noise_seed = int(seed) if seed is not None else secrets.randbits(63)
         self.noise_offset = 0
         self.steps = 0
+        self.sparsity = sparsity
         engine.noise_planner = self.noise_plan
 
     # -- torch.optim.Optimizer surface, shared with the wrapped optimizer -------------------------
@@ -125,9 +129,22 @@ class DPOptimizer(Optimizer):
                     offset += p.numel()
         return NoisePlan(self.noise_seed, self.noise_std, offsets)
 
-    def privatize_gradients(self) -> None:
+    def _trainable(self):
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def select_masks(self) -> Optional[Dict[torch.Tensor, Tensor]]:
+        """The sparsity method's keep-masks for this step (None without one). Called at the start of a step,
+        before any clipped sum of the step is read: the masks depend on public state only."""
+        return self.sparsity.select(self._trainable()) if self.sparsity is not None else None
+
+    def _after_update(self) -> None:
+        if self.sparsity is not None:
+            self.sparsity.after_step(self._trainable())
+
+    def privatize_gradients(self, masks: Optional[Dict[torch.Tensor, Tensor]] = None) -> None:
         """Turn the engine's accumulated clipped sums into ``p.grad = (sum + σC·ξ) / B̄`` for every trainable
-        parameter, consuming the sums. Called once per logical step by :meth:`step`."""
+        parameter, consuming the sums, then keep only the coordinates of ``masks[p]`` where given. Called once
+        per logical step by :meth:`step`."""
         plan, inv_batch = self.noise_plan(), 1.0 / self.expected_batch_size
         for p, offset in plan.offsets.items():
             g, noise_in_sum = self.engine.take_summed_grad(p)
@@ -140,17 +157,23 @@ class DPOptimizer(Optimizer):
                                    f"release {(plan.seed, offset, plan.std)}: noise_multiplier, the seed or the "
                                    f"parameters changed between backward and step()")
             p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+            if self.sparsity is not None:
+                self.sparsity.observe(p, p.grad)
+            if masks is not None and p in masks:
+                p.grad.mul_(masks[p].to(p.grad.dtype))
         self.noise_offset += sum(p.numel() for p in plan.offsets)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """One logical step: run ``closure`` (forward + backward of all micro-batches) if given, add noise once,
         update, advance the accountant."""
+        masks = self.select_masks()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.privatize_gradients()
+        self.privatize_gradients(masks)
         self.original_optimizer.step()
+        self._after_update()
         if self.accountant is not None:
             self.accountant.step(self.noise_multiplier, self.sample_rate)
         self.steps += 1

@@ -119,19 +119,22 @@ class DPSAT(DPOptimizer):
         return self._state.applied
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
+        params = self._trainable()
+        self._state.restore(params)  # masks are chosen at w_t, before anything of this step is read
+        masks = self.select_masks()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self._trainable()
         self._state.restore(params)
-        self.privatize_gradients()
+        self.privatize_gradients(masks)
         released = [p.grad for p in params]
         if self.direction == "noisy_gradient":
             self.perturbation = _scaled_to_radius(released, self.rho) if self.rho > 0 else None
         else:
             before = [p.detach().clone() for p in params] if self.rho > 0 else None
         self.original_optimizer.step()
+        self._after_update()
         if self.direction == "last_update" and self.rho > 0:
             self.perturbation = _scaled_to_radius(torch._foreach_sub(before, [p.detach() for p in params]),
                                                   self.rho)
@@ -176,9 +179,10 @@ class DPSAM(DPOptimizer):
             raise PrivacyConfigError("DPSAM.step needs a closure (forward + backward of the logical batch): it "
                                      "evaluates the batch twice per step")
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        masks = self.select_masks()
         with torch.enable_grad():
             closure()
-        self.privatize_gradients()  # query 1: g̃ at w_t
+        self.privatize_gradients(masks)  # query 1: g̃ at w_t
         state = _Perturbation()
         if self.rho > 0:
             state.apply(params, _scaled_to_radius([p.grad for p in params], self.rho))
@@ -188,8 +192,9 @@ class DPSAM(DPOptimizer):
                 loss = closure()
         finally:
             state.restore(params)
-        self.privatize_gradients()  # query 2: g̃ at w_t + ε
+        self.privatize_gradients(masks)  # query 2: g̃ at w_t + ε
         self.original_optimizer.step()
+        self._after_update()
         if self.accountant is not None:
             self.accountant.step(self.noise_multiplier, self.sample_rate, num_compositions=2)
         self.steps += 1
