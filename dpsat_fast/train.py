@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .clipping import STYLES
 from .data import PoissonDataLoader, split_micro_batches
+from .diagnostics import step_diagnostics
 from .metrics import expected_calibration_error
 from .models import DigitsCNN
 from .optim import DPSAT
@@ -94,6 +95,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--grad-keep", type=float, default=1.0,
                    help="gradient dropping: each step update only this fraction of each weight tensor, chosen by "
                         "the previous noisy gradient (public); noise only on the kept coordinates")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="print per-epoch NON-PRIVATE diagnostics (clipped fraction, norm quantiles of the last "
+                        "batch, computed from private data; nothing extra is released)")
     p.add_argument("--seed", type=int, default=0, help="seed for data split, init, sampling and noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -161,6 +165,8 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
         if not args.no_progress:
             tqdm.write(f"epoch {epoch + 1}/{args.epochs}: train loss {loss_sum / max(seen, 1):.4f}, "
                        f"test accuracy {evaluate(model, test_set):.4f}")
+        if args.diagnostics and engine.last_sq_norms:
+            print(f"epoch {epoch + 1}: {step_diagnostics(engine, optimizer)}")
     seconds = time.perf_counter() - start
     if isinstance(optimizer, DPSAT):
         optimizer.detach()

@@ -70,3 +70,10 @@ def test_train_with_pre_pruning_and_gradient_dropping(tmp_path):
     result = train(parse_args(["--epochs", "1", "--no-progress", "--noise-multiplier", "1.0", "--accountant", "rdp",
                                "--grad-keep", "0.1", "--method", "dpsgd"]))
     assert result["grad_keep"] == 0.1 and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_train_prints_non_private_diagnostics_on_request(capsys):
+    train(parse_args(["--epochs", "1", "--no-progress", "--noise-multiplier", "1.0", "--accountant", "rdp",
+                      "--diagnostics"]))
+    out = capsys.readouterr().out
+    assert "epoch 1: [NON-PRIVATE diagnostics]" in out and "clipped" in out and "|ε|=" in out
