@@ -6,11 +6,12 @@ model's real shape, random labels, cross-entropy with reduction "mean"). Provide
 - ``nonprivate``    plain PyTorch.
 - ``dpsat_fast``    this project's book-keeping engine + DPOptimizer (ghost norms, one backward).
 - ``dpsat_fast_sat``  the same with the DP-SAT optimizer (ρ = ``--rho``): perturb, forward/backward, restore.
+- ``dpsat_fast_per_layer``  DP-SGD with per-layer clipping: each layer clipped and summed during the backward.
 - ``opacus_hooks``  Opacus 1.6 ``grad_sample_mode="hooks"``: materialized per-sample gradients.
 - ``opacus_ghost``  Opacus 1.6 ``grad_sample_mode="ghost"``: fast gradient / ghost clipping, two backwards.
 - ``torch_func``    ``vmap(grad(functional_call))`` per-sample gradients, flat clip, sum, Gaussian noise.
 
-All DP providers use flat clipping with C = ``--max-grad-norm``, noise std σC with σ =
+All DP providers use flat clipping (``dpsat_fast_per_layer``: per-layer, C/√L per layer) with C = ``--max-grad-norm``, noise std σC with σ =
 ``--noise-multiplier``, and divide by the (public) batch size. Every (model, batch, provider) starts from
 the same initial weights and the same batch. Timing: median over ``--iters`` steps after ``--warmup``
 steps (``time.perf_counter`` on CPU; ``triton.testing.do_bench`` or CUDA events on CUDA). Memory: on
@@ -64,7 +65,8 @@ from dpsat_fast.models import INPUT_SHAPES, MODELS, NUM_CLASSES, build_model
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-PROVIDER_NAMES = ("nonprivate", "dpsat_fast", "dpsat_fast_sat", "opacus_hooks", "opacus_ghost", "torch_func")
+PROVIDER_NAMES = ("nonprivate", "dpsat_fast", "dpsat_fast_sat", "dpsat_fast_per_layer", "opacus_hooks",
+                  "opacus_ghost", "torch_func")
 DEFAULT_MODELS = ("resnet18_gn", "wrn16_4_gn")
 DEFAULT_BATCH_SIZES = {"cuda": (32, 64, 128, 256, 512), "cpu": (32, 64)}
 DEFAULT_WARMUP = {"cuda": 3, "cpu": 1}
@@ -142,6 +144,7 @@ class DpsatFast(Provider):
     """This project's engine; see dpsat_fast/engine.py and dpsat_fast/optim."""
 
     name = "dpsat_fast"
+    clipping = "flat"
 
     def __init__(self, model, x, y, cfg):
         super().__init__(model, x, y, cfg)
@@ -150,7 +153,8 @@ class DpsatFast(Provider):
             from dpsat_fast.optim import DPOptimizer
         except ImportError as exc:
             raise ProviderSkipped(f"dpsat_fast engine not importable ({exc})") from exc
-        self.engine = BookKeepingEngine(model, max_grad_norm=cfg.max_grad_norm, loss_reduction="mean")
+        self.engine = BookKeepingEngine(model, max_grad_norm=cfg.max_grad_norm, loss_reduction="mean",
+                                        clipping=self.clipping)
         self.optimizer = DPOptimizer(
             self._sgd(model.parameters()),
             engine=self.engine,
@@ -295,8 +299,17 @@ class TorchFunc(Provider):
         self.optimizer.step()
 
 
+class DpsatFastPerLayer(DpsatFast):
+    """DP-SGD with per-layer clipping (budget C/√L per layer): each layer is clipped, summed and noised during
+    the backward, and no output gradient is kept to its end."""
+
+    name = "dpsat_fast_per_layer"
+    clipping = "per_layer"
+
+
 PROVIDERS: dict[str, type[Provider]] = {
-    cls.name: cls for cls in (NonPrivate, DpsatFast, DpsatFastSAT, OpacusHooks, OpacusGhost, TorchFunc)
+    cls.name: cls for cls in (NonPrivate, DpsatFast, DpsatFastSAT, DpsatFastPerLayer, OpacusHooks, OpacusGhost,
+                              TorchFunc)
 }
 
 
@@ -660,6 +673,11 @@ def _main_verify(args: argparse.Namespace) -> list[dict[str, Any]]:
         if name == "nonprivate":
             continue
         row: dict[str, Any] = {"provider": name, "model": args.models[0]}
+        if name == "dpsat_fast_per_layer":  # not the flat-clipped mean; tests/test_clipping.py checks it
+            row.update(status="skipped", error="per-layer clipping is not compared with the flat torch.func mean")
+            print(json.dumps(row), flush=True)
+            results.append(row)
+            continue
         try:
             row.update(verify_provider(name, args.models[0], min(args.batch_sizes), args.device,
                                        args.seed))

@@ -28,6 +28,10 @@ FLAT_EPS = 1e-6
 
 
 class ClippingStyle:
+    #: the clip factors of a module's parameters depend on that module's norms only (per-layer clipping): the
+    #: engine then clips and sums each layer during the backward and keeps no output gradient
+    per_module = False
+
     def __init__(self, max_grad_norm: float):
         check_max_grad_norm(max_grad_norm)
         self.max_grad_norm = float(max_grad_norm)
@@ -151,7 +155,12 @@ def module_of(key: str) -> str:
 
 
 class PerLayerClipping(GroupWiseClipping):
-    """Group-wise clipping with one group per module (layer): budgets equal (default) or by ``weights``."""
+    """Group-wise clipping with one group per module (layer): budgets equal (default) or by ``weights``.
+
+    Each layer's clip factors depend on its own norms only, so the engine clips, sums (and noises) a layer in
+    the backward as soon as its output gradient is there, and frees it: no output gradients are stored."""
+
+    per_module = True
 
     def __init__(self, max_grad_norm: float, weights: Union[str, Mapping[str, float]] = "equal"):
         super().__init__(max_grad_norm, module_of, weights)

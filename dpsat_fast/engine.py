@@ -57,6 +57,7 @@ class _PrivateForward:
         m = self.record.module
         if not torch.is_grad_enabled():
             return type(m).forward(m, *args, **kwargs)
+        self.record.forward_calls += 1
         return self.record.rule.forward(m, self.record, *args, **kwargs)
 
     def __deepcopy__(self, memo):
@@ -94,6 +95,8 @@ class BookKeepingEngine:
         self.noise_planner: Optional[Callable[[], NoisePlan]] = None
         self._noised: Dict[nn.Parameter, Tuple[int, int, float]] = {}
         self._callback_queued = False
+        self._eager_sq: Dict[str, Tensor] = {}
+        self._eager_batch: Optional[int] = None
         self._patched: List[Tuple[nn.Module, Optional[object]]] = []
         self._hook_handles = []
 
@@ -157,22 +160,46 @@ class BookKeepingEngine:
             rec.clear()
 
     # -- the end of a backward pass ------------------------------------------------------------
-    def _on_record(self) -> None:
-        if not self._callback_queued:
+    def _on_record(self, record: ModuleRecord) -> None:
+        if not self._callback_queued:  # the first record of a backward pass
             self._callback_queued = True
+            self._eager_sq, self._eager_batch = {}, None
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        if self._eager(record):
+            # per-layer clipping: this layer's clip factors depend on its own norms only, so its clipped sum is
+            # formed now, during the backward, and its output gradient is freed at once
+            try:
+                with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+                    sq, B = self._clip_and_accumulate([record])
+                self._eager_sq.update(sq)
+                self._eager_batch = B
+            finally:
+                record.clear()
+                record.forward_calls = 0
+
+    def _eager(self, record: ModuleRecord) -> bool:
+        """Per-module clipping, the module's only forward of the step, no parameter shared with another."""
+        return (self.clipping.per_module and record.forward_calls == 1 and len(record.uses) == 1
+                and bool(self._own_names[id(record)])
+                and all(id(getattr(record.module, pn)) not in self._shared for pn in record.param_names))
 
     def _finish_backward(self) -> None:
         self._callback_queued = False
         records = [r for r in self.records if r.uses]
         try:
+            sq, B = {}, self._eager_batch
             if records:
                 # norms and clipped sums are computed at fp32 (fp64) whatever autocast the forward ran under
                 with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-                    self._clip_and_accumulate(records)
+                    sq, B = self._clip_and_accumulate(records)
+            if records or self._eager_sq:
+                self.last_sq_norms = {**self._eager_sq, **sq}
+                self.last_batch_size = B
         finally:
             for r in records:
                 r.clear()
+            for r in self.records:
+                r.forward_calls = 0
 
     def _batch_size(self, records: List[ModuleRecord]) -> int:
         sizes = {t.shape[0] for r in records for u in r.uses for t in u.values()}
@@ -191,8 +218,9 @@ class BookKeepingEngine:
                 for pn, v in r.rule.sq_norms(r, r.uses, names).items():
                     sq[self.param_keys[getattr(r.module, pn)]] = v
         shared_grads: Dict[int, Tensor] = {}
+        in_batch = {id(r) for r in records}
         for pid, owners in self._shared.items():
-            parts = [r.rule.per_example_grads(r, r.uses, [pn])[pn] for r, pn in owners if r.uses]
+            parts = [r.rule.per_example_grads(r, r.uses, [pn])[pn] for r, pn in owners if r.uses and id(r) in in_batch]
             if parts:
                 pe = sum_over_uses(parts)
                 shared_grads[pid] = pe
@@ -210,8 +238,6 @@ class BookKeepingEngine:
             sq, shared_grads = self._sq_norms(records)
         sq = {k: v * factor ** 2 for k, v in sq.items()}
         scales = self.clipping.scales(sq)
-        self.last_sq_norms = sq
-        self.last_batch_size = B
         plan = self.noise_planner() if self.noise_planner is not None else None
         for r in records:
             names = self._own_names[id(r)]
@@ -227,6 +253,7 @@ class BookKeepingEngine:
             p = getattr(rec.module, pn)
             s = torch.tensordot(scales[self.param_keys[p]].to(pe.dtype) * factor, pe, dims=1)
             self._accumulate(p, s, self._noise_request(plan, {pn: p}), pn, False)
+        return sq, B
 
     def _noise_request(self, plan: Optional[NoisePlan], params: Dict[str, nn.Parameter]) -> Optional[NoiseRequest]:
         """Noise for the parameters whose first clipped sum of the step this is."""

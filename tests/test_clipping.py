@@ -193,3 +193,70 @@ def test_style_names():
     assert isinstance(make_clipping("per_layer", 1.0), PerLayerClipping)
     with pytest.raises(PrivacyConfigError, match="per_layer"):
         make_clipping("layerwise", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-layer clipping happens during the backward: no output gradients kept to the end
+# ---------------------------------------------------------------------------------------------------
+
+class Reused(nn.Module):
+    """fc is used twice in one forward (its per-example gradient has cross terms), the others once."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 4)
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.fc(torch.tanh(self.fc(self.inp(x)))))
+
+
+def test_per_layer_clipping_consumes_each_layer_during_the_backward(monkeypatch):
+    model = Reused().double()
+    engine = BookKeepingEngine(model, max_grad_norm=1.0, loss_reduction="sum", clipping="per_layer")
+    left_for_the_end = []
+    finish = BookKeepingEngine._finish_backward
+
+    def spy(self):
+        left_for_the_end.extend(r.name for r in self.records if r.uses)
+        finish(self)
+
+    monkeypatch.setattr(BookKeepingEngine, "_finish_backward", spy)
+    model(torch.randn(4, 5, dtype=torch.float64)).sum().backward()
+    assert left_for_the_end == ["fc"]  # only the reused module waits for the end of the backward
+    assert sorted(engine.last_sq_norms) == sorted(k for k, _ in model.named_parameters())
+    engine.detach()
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_per_layer_clipping_with_reused_modules_and_micro_batches(microbatches):
+    torch.manual_seed(0)
+    model = Reused().double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    weights = torch.randn(6, 3, dtype=torch.float64) * torch.logspace(-2, 2, 6, dtype=torch.float64).view(6, 1)
+    grads = per_example_grads(model, [x], weights)
+    sizes = {k: p.numel() for k, p in model.named_parameters()}
+    factors = _reference_factors("per_layer", grads, 0.6, sizes)
+    engine = BookKeepingEngine(model, max_grad_norm=0.6, loss_reduction="sum", clipping="per_layer")
+    for xs, ws in zip(x.chunk(microbatches), weights.chunk(microbatches)):
+        (model(xs) * ws).sum().backward()
+    for n, p in model.named_parameters():
+        ref = torch.tensordot(factors[n], grads[n], dims=1)
+        torch.testing.assert_close(engine.pop_summed_grad(p), ref, rtol=1e-9, atol=1e-12, msg=n)
+    engine.detach()
+
+
+def test_per_layer_non_finite_example_is_dropped_where_it_is_non_finite():
+    """An example whose gradient is non-finite in a layer contributes nothing to that layer; every layer's sum
+    stays finite and within the layer budgets."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    engine = BookKeepingEngine(model, max_grad_norm=1.0, loss_reduction="sum", clipping="per_layer")
+    x = torch.randn(3, 3, dtype=torch.float64)
+    w = torch.ones(3, 2, dtype=torch.float64)
+    w[1] = float("inf")
+    (model(x) * w).sum().backward()
+    for p in engine.params:
+        s = engine.pop_summed_grad(p)
+        assert torch.isfinite(s).all()
+    engine.detach()

@@ -49,7 +49,7 @@ class ModuleRecord:
     """What the backward of one hooked module left behind, until the engine consumes it."""
 
     def __init__(self, name: str, module: nn.Module, rule: "LayerRule", param_names: Sequence[str],
-                 on_record: Callable[[], None]):
+                 on_record: Callable[["ModuleRecord"], None]):
         self.name = name
         self.module = module
         self.rule = rule
@@ -57,12 +57,14 @@ class ModuleRecord:
         self.uses: List[Use] = []
         #: what a rule computed from the uses and wants again later in the same backward (cleared with them)
         self.cache: Dict[str, Tensor] = {}
+        #: forwards with gradients recorded since the record was last consumed (uses to expect in the backward)
+        self.forward_calls = 0
         self._on_record = on_record
 
     def add_use(self, **tensors: Tensor) -> None:
         """Called from a rule's backward with batch-leading tensors."""
         self.uses.append(tensors)
-        self._on_record()
+        self._on_record(self)
 
     def clear(self) -> None:
         self.uses = []
