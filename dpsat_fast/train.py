@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,27 @@ from .validation import check_delta
 
 
 METHOD_NAMES = {"dpsat": "DP-SAT", "dpsgd": "DP-SGD", "dpsam": "DP-SAM"}
+
+
+def parse_classes(spec: Optional[str]) -> Optional[List[int]]:
+    """``"5,6,7"`` or ``"5-9"`` -> sorted class list; None -> all classes."""
+    if spec is None:
+        return None
+    classes = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        classes.update(range(int(lo), int(hi or lo) + 1))
+    if not classes or min(classes) < 0 or max(classes) > 9:
+        raise ValueError(f"classes must be digits 0-9, got {spec!r}")
+    return sorted(classes)
+
+
+def restrict_to_classes(dataset: TensorDataset, classes: Optional[Sequence[int]]) -> TensorDataset:
+    if classes is None:
+        return dataset
+    x, y = dataset.tensors
+    keep = torch.isin(y, torch.tensor(list(classes)))
+    return TensorDataset(x[keep], y[keep])
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
@@ -98,6 +119,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--diagnostics", action="store_true",
                    help="print per-epoch NON-PRIVATE diagnostics (clipped fraction, norm quantiles of the last "
                         "batch, computed from private data; nothing extra is released)")
+    p.add_argument("--classes", default=None,
+                   help="train and test on these digit classes only, e.g. 5,6,7,8,9 (the private half of a "
+                        "public/private class split)")
     p.add_argument("--seed", type=int, default=0, help="seed for data split, init, sampling and noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -109,6 +133,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def train(args: argparse.Namespace) -> Dict[str, float]:
     torch.manual_seed(args.seed)
     train_set, test_set = load_digits_split(args.seed)
+    classes = parse_classes(args.classes)
+    train_set, test_set = restrict_to_classes(train_set, classes), restrict_to_classes(test_set, classes)
     n = len(train_set)
     sample_rate = args.batch_size / n
     steps_per_epoch = int(round(1 / sample_rate))

@@ -113,3 +113,20 @@ def test_bench_kernels_cpu_smoke(tmp_path):
         assert r["materialized/dpsat_fast"] > 0 and r["torch_func/dpsat_fast"] > 0
         assert r["verify"]["ok"], r["verify"]
     assert result["summary"]["resnet18"]["layers"] == 2
+
+
+def test_dp_finetune_digits_smoke(tmp_path):
+    """The issue-6 experiment script end to end: public pretraining, private fine-tuning of a selection, JSON."""
+    out = tmp_path / "finetune.json"
+    script = BENCH_PATH.with_name("dp_finetune_digits.py")
+    proc = subprocess.run([sys.executable, str(script), "--seeds", "0", "1", "--studies", "selection", "--epochs", "1",
+                           "--max-configs", "2", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["trainable"] for r in result["rows"]] == ["all", "norms+head"]
+    for row in result["rows"]:
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        assert all(r["epsilon"] <= 1.0 + 1e-9 for r in row["runs"])  # the selection study's first ε is 1
+        assert 0.0 <= row["accuracy_mean"] <= 1.0 and 0.0 <= row["ece_mean"] <= 1.0
+    assert all(p["public_test_accuracy"] > 0.8 for p in result["pretrained"])  # the public model is a real one

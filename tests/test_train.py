@@ -77,3 +77,16 @@ def test_train_prints_non_private_diagnostics_on_request(capsys):
                       "--diagnostics"]))
     out = capsys.readouterr().out
     assert "epoch 1: [NON-PRIVATE diagnostics]" in out and "clipped" in out and "|ε|=" in out
+
+
+def test_class_subsets():
+    import pytest
+
+    from dpsat_fast.train import load_digits_split, parse_classes, restrict_to_classes
+
+    assert parse_classes("5-9") == [5, 6, 7, 8, 9] and parse_classes("0,2-3") == [0, 2, 3] and parse_classes(None) is None
+    with pytest.raises(ValueError):
+        parse_classes("8-12")
+    train_set, _ = load_digits_split(0)
+    sub = restrict_to_classes(train_set, [5, 6])
+    assert set(sub.tensors[1].tolist()) == {5, 6} and 0 < len(sub) < len(train_set)
