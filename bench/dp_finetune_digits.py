@@ -13,6 +13,8 @@ Studies (``--studies``):
   at ε ∈ {1, 3}.
 * ``pruning``: accuracy against the magnitude pre-pruning rate, and against gradient dropping (keep
   fraction), at ε = 3, fine-tuning everything.
+* ``pruning_grid``: pre-pruning rate 0 / 50 / 80 % each without and with gradient dropping (keep 50 % of the
+  unpruned coordinates per step).
 
 Usage::
 
@@ -81,6 +83,11 @@ def configurations(studies: List[str]) -> List[Dict[str, Any]]:
         for keep in (0.5, 0.2, 0.1):
             configs.append({"study": "pruning", "clipping": "flat", "max_grad_norm": 1.0, "epsilon": 3.0,
                             "trainable": "all", "grad_keep": keep})
+    if "pruning_grid" in studies:
+        for rate in (0.0, 0.5, 0.8):
+            for keep in (1.0, 0.5):
+                configs.append({"study": "pruning_grid", "clipping": "flat", "max_grad_norm": 1.0, "epsilon": 3.0,
+                                "trainable": "all", "prune": rate, "grad_keep": keep if keep < 1 else None})
     return configs
 
 
@@ -114,7 +121,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--studies", nargs="+", default=["clipping", "selection", "pruning"],
-                   choices=["clipping", "selection", "pruning"])
+                   choices=["clipping", "selection", "pruning", "pruning_grid"])
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--out", default=None)

@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradientDropping", "MagnitudePrePruning", "Sparsity", "magnitude_masks"]
+__all__ = ["CombinedSparsity", "GradientDropping", "MagnitudePrePruning", "Sparsity", "magnitude_masks"]
 
 
 def _prunable(model: nn.Module, names: Optional[Sequence[str]]) -> Dict[str, nn.Parameter]:
@@ -154,3 +154,28 @@ class GradientDropping(Sparsity):
     def observe(self, p, noisy_grad):
         if self.score == "previous_gradient" and self._chosen(p):
             self.previous[id(p)] = noisy_grad.detach().clone()
+
+
+class CombinedSparsity(Sparsity):
+    """Several methods at once (e.g. pre-pruning, then gradient dropping among what is left): a coordinate is
+    released only if every method keeps it."""
+
+    def __init__(self, *methods: Sparsity):
+        if not methods:
+            raise ValueError("CombinedSparsity needs at least one method")
+        self.methods = methods
+
+    def select(self, params):
+        masks: Dict[nn.Parameter, Tensor] = {}
+        for method in self.methods:
+            for p, m in method.select(params).items():
+                masks[p] = m if p not in masks else masks[p] & m
+        return masks
+
+    def observe(self, p, noisy_grad):
+        for method in self.methods:
+            method.observe(p, noisy_grad)
+
+    def after_step(self, params):
+        for method in self.methods:
+            method.after_step(params)

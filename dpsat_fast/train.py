@@ -27,7 +27,7 @@ from .metrics import expected_calibration_error
 from .models import DigitsCNN
 from .optim import DPSAT
 from .privacy_engine import PrivacyEngine
-from .pruning import GradientDropping, MagnitudePrePruning
+from .pruning import CombinedSparsity, GradientDropping, MagnitudePrePruning
 from .selection import parse_selection, select_trainable
 from .validation import check_delta
 
@@ -115,7 +115,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "before private training; they stay zero and get no noise")
     p.add_argument("--grad-keep", type=float, default=1.0,
                    help="gradient dropping: each step update only this fraction of each weight tensor, chosen by "
-                        "the previous noisy gradient (public); noise only on the kept coordinates")
+                        "the previous noisy gradient (public); noise only on the kept coordinates (with --prune: "
+                        "among the unpruned ones)")
     p.add_argument("--diagnostics", action="store_true",
                    help="print per-epoch NON-PRIVATE diagnostics (clipped fraction, norm quantiles of the last "
                         "batch, computed from private data; nothing extra is released)")
@@ -144,10 +145,9 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
         state = torch.load(args.checkpoint, weights_only=True)
         model.load_state_dict(state["model"] if "model" in state and "format_version" in state else state)
     trainable = select_trainable(model, **parse_selection(args.trainable))
-    if args.prune > 0 and args.grad_keep < 1:
-        raise SystemExit("--prune and --grad-keep are exclusive: choose pre-pruning or gradient dropping")
-    sparsity = (MagnitudePrePruning(model, args.prune) if args.prune > 0 else
-                GradientDropping(args.grad_keep) if args.grad_keep < 1 else None)
+    methods = ([MagnitudePrePruning(model, args.prune)] if args.prune > 0 else []) + \
+        ([GradientDropping(args.grad_keep)] if args.grad_keep < 1 else [])
+    sparsity = None if not methods else methods[0] if len(methods) == 1 else CombinedSparsity(*methods)
     params = [p for p in model.parameters() if p.requires_grad]
     base = (torch.optim.SGD(params, lr=args.lr, momentum=args.momentum) if args.optimizer == "sgd"
             else torch.optim.Adam(params, lr=args.lr))

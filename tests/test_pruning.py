@@ -171,3 +171,24 @@ def test_neighbour_replay_with_pruning():
         opt.step()
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert (results[0] - results[1]).norm().item() <= lr * C / expected_batch * (1 + 1e-9)
+
+
+def test_pre_pruning_with_gradient_dropping_keeps_the_intersection():
+    from dpsat_fast.pruning import CombinedSparsity
+
+    base = DigitsCNN()
+    holder = {}
+
+    def factory(m):
+        holder["pre"] = MagnitudePrePruning(m, 0.5)
+        holder["drop"] = GradientDropping(keep=0.3, score="weight")
+        return CombinedSparsity(holder["pre"], holder["drop"])
+
+    model, _, grads = _private_run(base, factory, steps=2)
+    for p, mask in holder["pre"].masks.items():
+        name = holder["pre"].names[p]
+        assert torch.all(p[~mask] == 0), name  # pruned weights stay zero
+        for g in grads:
+            released = g[name] != 0
+            assert not torch.any(released & ~mask), name  # nothing released outside the pre-pruning mask
+            assert released.sum() <= 0.3 * p.numel() + 1, name  # and at most the dropping budget
