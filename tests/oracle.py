@@ -92,3 +92,24 @@ def assert_matches_reference(model: nn.Module, inputs: Sequence[Tensor], dtype: 
         torch.testing.assert_close(sums[n].double(), s, rtol=rtol, atol=atol,
                                    msg=lambda m: f"clipped sum of {n}: {m}")
     return ref, sq
+
+
+def neighbour_update_distance(base: nn.Module, x: Tensor, y: Tensor, outlier: Tensor, *, C: float, lr: float,
+                              expected_batch: float, engine_kwargs=None, make_optimizer_kwargs=None) -> float:
+    """One DP-SGD step (σ = 1, seed 7) from ``base`` on (x, y) and on (x + outlier, y + y[0]): the L2 distance
+    of the two updated weight vectors. ``make_optimizer_kwargs(model)`` adds DPOptimizer arguments."""
+    import torch.nn.functional as F
+
+    from dpsat_fast.optim import DPOptimizer
+
+    results = []
+    for xs, ys in [(x, y), (torch.cat([x, outlier]), torch.cat([y, y[:1]]))]:
+        model = copy.deepcopy(base)
+        extra = make_optimizer_kwargs(model) if make_optimizer_kwargs is not None else {}
+        engine = BookKeepingEngine(model, max_grad_norm=C, **(engine_kwargs or {}))
+        opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), engine=engine, noise_multiplier=1.0,
+                          expected_batch_size=expected_batch, seed=7, **extra)
+        F.cross_entropy(model(xs), ys).backward()
+        opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    return (results[0] - results[1]).norm().item()

@@ -1,6 +1,6 @@
-// The CPU Philox noise stream, shared by the noise ops (philox_noise.cpp) and the kernels that add
-// noise in their epilogue (per_sample.cpp): element j of the stream for (seed, offset) is
-// tl.randn(seed, offset + j), bit-identical to the Triton and reference streams.
+// The CPU Philox noise stream of philox_noise.cpp, for the kernels that add noise to their results
+// (per_sample.cpp): element j of the stream for (seed, offset) is tl.randn(seed, offset + j),
+// bit-identical to the Triton and reference streams.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,12 +9,6 @@
 
 namespace dpsat_fast {
 namespace cpu {
-
-// Longest run fill_normals produces per call (its buffers live on the stack, in L1).
-constexpr int64_t kNoiseBlock = 512;
-
-// out[i] = tl.randn(seed, offset + i) for i < n <= kNoiseBlock (the best instruction set here).
-void fill_normals(uint64_t seed, uint64_t offset, int64_t n, float* out);
 
 // t += noise_std * xi in place, t contiguous and float32/float64/bfloat16/float16 (checked).
 void add_noise_(at::Tensor& t, int64_t seed, int64_t offset, double noise_std);

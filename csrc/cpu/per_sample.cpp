@@ -72,43 +72,33 @@ void check_noise(const char* op, int64_t seed, int64_t offset, int64_t numel, do
 // vectorizable reductions
 // ---------------------------------------------------------------------------------------------
 
-template <typename T>
-T sum_squares(const T* x, int64_t n) {
+// Σ_j term(j) for j < n with kLanes independent partial sums (one per lane), added in a fixed order.
+template <typename T, typename Term>
+inline T lane_sum(int64_t n, Term term) {
   T acc[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * x[j + l];
+    for (int l = 0; l < kLanes; ++l) acc[l] += term(j + l);
   }
-  for (int l = 0; j < n; ++j, ++l) acc[l] += x[j] * x[j];
+  for (int l = 0; j < n; ++j, ++l) acc[l] += term(j);
   T s = 0;
   for (int l = 0; l < kLanes; ++l) s += acc[l];
   return s;
+}
+
+template <typename T>
+T sum_squares(const T* x, int64_t n) {
+  return lane_sum<T>(n, [x](int64_t j) { return x[j] * x[j]; });
 }
 
 template <typename T>
 T dot(const T* x, const T* y, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * y[j + l];
-  }
-  for (int l = 0; j < n; ++j, ++l) acc[l] += x[j] * y[j];
-  T s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+  return lane_sum<T>(n, [x, y](int64_t j) { return x[j] * y[j]; });
 }
 
 template <typename T>
 T sum(const T* x, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
-  }
-  for (int l = 0; j < n; ++j, ++l) acc[l] += x[j];
-  T s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+  return lane_sum<T>(n, [x](int64_t j) { return x[j]; });
 }
 
 // Σ x² of float32 data with a float64 total: float32 partial sums over 256-element blocks only, so the
@@ -155,7 +145,7 @@ void row_dots_into(const at::Tensor& x, const at::Tensor& y, at::Tensor out) {
   });
 }
 
-// ‖Σ_t g_{i,t}‖² and, if wanted, the sums themselves: g is [B, T, P] (any strides) -> [B] (and [B, P]).
+// Per-example sums Σ_t g_{i,t}: g [B, T, P] (any strides) -> [B, P] in the accumulation dtype.
 at::Tensor per_example_sums(const at::Tensor& g3) {
   // [B, T, P] -> [B, P]: ATen's reduction is vectorized and parallel already, and reads g once
   return g3.sum(1, /*keepdim=*/false, accum_type(g3));

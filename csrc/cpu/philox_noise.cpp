@@ -25,7 +25,7 @@
 namespace dpsat_fast {
 namespace {
 
-constexpr int64_t kBlock = cpu::kNoiseBlock;  // normals per block: the fp32 buffer stays in L1
+constexpr int64_t kBlock = 512;  // normals per block: the fp32 buffer stays in L1
 constexpr int64_t kGrainSize = 1 << 15;
 
 template <typename To, typename From>
@@ -260,11 +260,6 @@ void philox_uint32_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
 }  // namespace
 
 namespace cpu {
-void fill_normals(uint64_t seed, uint64_t offset, int64_t n, float* out) {
-  TORCH_INTERNAL_ASSERT(n >= 0 && n <= kNoiseBlock);
-  kFillNormals.fn(seed, offset, n, out);
-}
-
 void add_noise_(at::Tensor& t, int64_t seed, int64_t offset, double noise_std) {
   add_noise_and_scale_cpu(t, seed, offset, noise_std, 1.0);
 }

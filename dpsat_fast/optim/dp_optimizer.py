@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -122,14 +122,13 @@ class DPOptimizer(Optimizer):
         ``[offset_p, offset_p + p.numel())`` after those of all earlier releases. The engine adds it in its
         first backward of the step when it can fuse it; :meth:`privatize_gradients` adds the rest."""
         offsets, offset = {}, self.noise_offset
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    offsets[p] = offset
-                    offset += p.numel()
+        for p in self._trainable():
+            offsets[p] = offset
+            offset += p.numel()
         return NoisePlan(self.noise_seed, self.noise_std, offsets)
 
-    def _trainable(self):
+    def _trainable(self) -> List[Tensor]:
+        """The parameters this optimizer releases, in param_groups order."""
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def select_masks(self) -> Optional[Dict[torch.Tensor, Tensor]]:

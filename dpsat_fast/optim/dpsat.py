@@ -105,9 +105,6 @@ class DPSAT(DPOptimizer):
         self._state = _Perturbation()
         self._hook = engine.module.register_forward_pre_hook(_PerturbBeforeForward(self))
 
-    def _trainable(self) -> List[Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-
     def _before_forward(self, module, args) -> None:
         if self.perturbation is not None and not self._state.applied and module.training \
                 and torch.is_grad_enabled():
@@ -178,7 +175,7 @@ class DPSAM(DPOptimizer):
         if closure is None:
             raise PrivacyConfigError("DPSAM.step needs a closure (forward + backward of the logical batch): it "
                                      "evaluates the batch twice per step")
-        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        params = self._trainable()
         masks = self.select_masks()
         with torch.enable_grad():
             closure()
