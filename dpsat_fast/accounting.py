@@ -412,6 +412,7 @@ class PrivacyAccountant:
         self.mechanism: str = _check_accountant(mechanism, "mechanism")
         self._history: list[list[float | int]] = []
         self._steps: int = 0
+        self._non_private_steps: int = 0
 
     # -- recording ---------------------------------------------------------
     def step(self, noise_multiplier: float, sample_rate: float, num_compositions: int = 1) -> None:
@@ -426,6 +427,12 @@ class PrivacyAccountant:
             self._history[-1][2] = int(self._history[-1][2]) + k
         else:
             self._history.append([sigma, q, k])
+        self._steps += 1
+
+    def record_non_private_step(self) -> None:
+        """Record a logical step released without noise (σ = 0, ``allow_non_private``): ε is infinite from
+        now on."""
+        self._non_private_steps += 1
         self._steps += 1
 
     @property
@@ -448,6 +455,8 @@ class PrivacyAccountant:
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at the given δ ∈ (0, 1) (0.0 before any step)."""
         delta = check_delta(delta)
+        if self._non_private_steps:
+            return math.inf
         if not self._history:
             return 0.0
         entries = tuple((float(s), float(q), int(c)) for s, q, c in self._history)
@@ -461,6 +470,7 @@ class PrivacyAccountant:
             "mechanism": self.mechanism,
             "steps": int(self._steps),
             "history": [[float(s), float(q), int(c)] for s, q, c in self._history],
+            "non_private_steps": int(self._non_private_steps),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -483,6 +493,8 @@ class PrivacyAccountant:
             q = check_sample_rate(entry[1], name=f"state_dict['history'][{i}][1] (sample_rate)")
             count = _check_count(entry[2], f"state_dict['history'][{i}][2] (count)", 1)
             history.append([sigma, q, count])
+        non_private = _check_count(state_dict.get("non_private_steps", 0), "state_dict['non_private_steps']", 0)
         self.mechanism = mechanism
         self._steps = steps
         self._history = history
+        self._non_private_steps = non_private

@@ -17,7 +17,7 @@ Styles:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Sequence, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -33,12 +33,25 @@ class ClippingStyle:
     per_module = False
 
     def __init__(self, max_grad_norm: float):
-        check_max_grad_norm(max_grad_norm)
-        self.max_grad_norm = float(max_grad_norm)
+        self._max_grad_norm = check_max_grad_norm(max_grad_norm)
+
+    @property
+    def max_grad_norm(self) -> float:
+        """C; settable between steps (checked; budgets derived from it follow)."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        self._max_grad_norm = check_max_grad_norm(value)
+        self._rebind()
+
+    def _rebind(self) -> None:
+        """Re-derive whatever depends on C (group budgets) after it changed."""
 
     @property
     def sensitivity(self) -> float:
-        return self.max_grad_norm
+        """The L2 bound of one example's clipped contribution with the factors :meth:`scales` returns now."""
+        return self._max_grad_norm
 
     def scales(self, sq_norms: Dict[str, Tensor]) -> Dict[str, Tensor]:
         raise NotImplementedError
@@ -103,8 +116,14 @@ class GroupWiseClipping(ClippingStyle):
         self.weights = weights
         self.group_of: Dict[str, str] = {}
         self.budgets: Dict[str, float] = {}
+        self._param_sizes: Optional[Dict[str, int]] = None
+
+    def _rebind(self) -> None:
+        if self._param_sizes is not None:
+            self.bind(self._param_sizes)
 
     def bind(self, param_sizes: Mapping[str, int]) -> None:
+        self._param_sizes = dict(param_sizes)
         if callable(self.groups):
             group_of = {key: str(self.groups(key)) for key in param_sizes}
         else:
@@ -134,7 +153,9 @@ class GroupWiseClipping(ClippingStyle):
             w = {g: float(self.weights[g]) for g in names}
         total = sum(w.values())
         self.group_of = group_of
-        self.budgets = {g: self.max_grad_norm * math.sqrt(w[g] / total) for g in names}
+        # rounded down by 1e-15 relative, so that Σ_k C_k² ≤ C² holds in floating point too (sensitivity C);
+        # re-derived whenever C changes
+        self.budgets = {g: self.max_grad_norm * math.sqrt(w[g] / total) * (1.0 - 2.0 ** -50) for g in names}
 
     def scales(self, sq_norms):
         if not self.budgets:

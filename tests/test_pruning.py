@@ -121,13 +121,13 @@ def test_selection_never_reads_the_current_private_gradients(monkeypatch):
     current = {"a": (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))),
                "b": (1e4 * torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))}
     events, masks_seen = [], {}
-    original_take = BookKeepingEngine.take_summed_grad
+    original_release = BookKeepingEngine.release
 
-    def take(self, p):
+    def release(self, params):
         events.append("take")
-        return original_take(self, p)
+        return original_release(self, params)
 
-    monkeypatch.setattr(BookKeepingEngine, "take_summed_grad", take)
+    monkeypatch.setattr(BookKeepingEngine, "release", release)
 
     class Recording(GradientDropping):
         def select(self, params):

@@ -46,10 +46,16 @@ ClippedSums = Tuple[Dict[str, Tensor], Set[str]]
 
 
 class ModuleRecord:
-    """What the backward of one hooked module left behind, until the engine consumes it."""
+    """What the backward of one hooked module left behind, until the engine consumes it.
+
+    ``accept(record, ctx)`` is the engine's gate, asked by :meth:`add_use` before anything is recorded: it
+    returns False for a backward that writes no parameter gradient (``torch.autograd.grad``, ``backward(
+    inputs=...)``) and raises for a second backward through the same forward; ``on_record(record)`` is told
+    of every recorded use."""
 
     def __init__(self, name: str, module: nn.Module, rule: "LayerRule", param_names: Sequence[str],
-                 on_record: Callable[["ModuleRecord"], None]):
+                 on_record: Callable[["ModuleRecord"], None],
+                 accept: Optional[Callable[["ModuleRecord", object], bool]] = None):
         self.name = name
         self.module = module
         self.rule = rule
@@ -60,9 +66,12 @@ class ModuleRecord:
         #: forwards with gradients recorded since the record was last consumed (uses to expect in the backward)
         self.forward_calls = 0
         self._on_record = on_record
+        self._accept = accept
 
-    def add_use(self, **tensors: Tensor) -> None:
-        """Called from a rule's backward with batch-leading tensors."""
+    def add_use(self, ctx=None, **tensors: Tensor) -> None:
+        """Called from a rule's backward (with its autograd ``ctx``) with batch-leading tensors."""
+        if self._accept is not None and not self._accept(self, ctx):
+            return
         self.uses.append(tensors)
         self._on_record(self)
 
@@ -77,6 +86,10 @@ class LayerRule:
 
     #: Module types handled by this rule (exact type match: a subclass may have another forward).
     module_types: tuple = ()
+    #: Names of the module's own parameters that this rule computes per-example gradients for. Any other
+    #: trainable parameter of the module (e.g. ``weight_g``/``weight_v`` of ``torch.nn.utils.weight_norm``)
+    #: is refused by validation: the rule would never see its gradient.
+    owned_params: tuple = ("weight", "bias")
 
     def forward(self, module: nn.Module, record: ModuleRecord, *args, **kwargs) -> Tensor:
         raise NotImplementedError
@@ -112,3 +125,22 @@ def sum_over_uses(tensors: List[Tensor]) -> Tensor:
     for t in tensors[1:]:
         out = out + t
     return out
+
+
+_SQ_NORM_CHUNK = 1 << 22
+
+
+def materialized_sq_norms(pe: Tensor) -> Tensor:
+    """``‖pe_i‖²`` of materialized per-example gradients ``pe`` [B, *shape] as float64, never below the exact
+    value: each square is exact in float64 (a float32 or 16-bit value squared fits in 53 bits), the sum of n
+    terms errs by at most n·2⁻⁵³ relative, and the result is scaled up by that much. A clipped sum built from
+    these same tensors adds exactly ``c_i·pe_i`` for example i (up to the rounding of the sum over examples),
+    so this is a certified clipping norm for them."""
+    B = pe.shape[0]
+    n = max(1, pe[0].numel()) if B else 1
+    flat = pe.reshape(B, -1)
+    step = max(1, _SQ_NORM_CHUNK // n)
+    out = torch.empty(B, dtype=torch.float64, device=pe.device)
+    for s in range(0, B, step):
+        out[s:s + step] = flat[s:s + step].double().pow(2).sum(1)
+    return out * (1.0 + (n + 2) * 2.0 ** -53)

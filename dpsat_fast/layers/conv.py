@@ -40,7 +40,7 @@ class _ConvFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
-        ctx.record.add_use(x=x, g=grad_out)
+        ctx.record.add_use(ctx, x=x, g=grad_out)
         grad_x = None
         if ctx.needs_input_grad[0]:
             n = weight.dim() - 2

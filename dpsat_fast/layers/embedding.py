@@ -29,13 +29,14 @@ class _EmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
-        ctx.record.add_use(idx=idx.reshape(idx.shape[0], math.prod(idx.shape[1:])),
+        ctx.record.add_use(ctx, idx=idx.reshape(idx.shape[0], math.prod(idx.shape[1:])),
                            g=as_batch_positions_features(grad_out))
         return None, None, None, None
 
 
 class EmbeddingRule(LayerRule):
     module_types = (nn.Embedding,)
+    owned_params = ("weight",)
 
     def problems(self, module: nn.Embedding) -> List[str]:
         out = []

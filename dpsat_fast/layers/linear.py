@@ -28,7 +28,7 @@ class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
-        ctx.record.add_use(a=as_batch_positions_features(x), g=as_batch_positions_features(grad_out))
+        ctx.record.add_use(ctx, a=as_batch_positions_features(x), g=as_batch_positions_features(grad_out))
         grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 

@@ -28,7 +28,7 @@ class DPOptimizer(Optimizer):
     wrapped optimizer's ``param_groups`` and ``state`` (LR schedulers and state_dict work as usual).
 
     Args:
-        optimizer: any torch.optim optimizer over (a subset of) the engine's trainable parameters.
+        optimizer: any torch.optim optimizer over exactly the engine's trainable parameters.
         engine: the :class:`~dpsat_fast.engine.BookKeepingEngine` attached to the model.
         noise_multiplier: σ; the noise std per coordinate is σ · C.
         expected_batch_size: B̄ = q·N, public; the noisy sum is divided by it, never by the realized size.
@@ -36,16 +36,22 @@ class DPOptimizer(Optimizer):
             pass an int only for reproducible experiments.
         accountant: optional :class:`~dpsat_fast.accounting.PrivacyAccountant` advanced once per step.
         sample_rate: q, needed with an accountant.
-        allow_non_private: permit σ = 0 (no privacy; for debugging and baselines only).
+        allow_non_private: permit σ = 0 (no privacy; for debugging and baselines only; ε is then infinite).
         sparsity: optional :class:`~dpsat_fast.pruning.Sparsity` (pre-pruning, gradient dropping): each step
             releases only its kept coordinates (the noise of the others is dropped with them). Its masks are
             chosen at the start of the step, from the weights and earlier noisy gradients only.
+
+    Every check of a step (σ, C, the parameter set, the accountant's inputs) runs before any gradient is
+    released or any weight changes; ``noise_multiplier`` and ``max_grad_norm`` are also checked when set.
+    The parameter set is fixed: the optimizer must hold exactly the engine's trainable parameters, and
+    ``add_param_group`` or flipping ``requires_grad`` later is refused.
     """
 
     def __init__(self, optimizer: Optimizer, *, engine: BookKeepingEngine, noise_multiplier: float,
                  expected_batch_size: float, seed: Optional[int] = None, accountant=None,
                  sample_rate: Optional[float] = None, allow_non_private: bool = False, sparsity=None):
-        check_noise_multiplier(noise_multiplier, allow_zero=allow_non_private)
+        self.allow_non_private = bool(allow_non_private)
+        check_noise_multiplier(noise_multiplier, allow_zero=self.allow_non_private)
         if not (isinstance(expected_batch_size, (int, float)) and math.isfinite(expected_batch_size)
                 and expected_batch_size > 0):
             raise PrivacyConfigError(f"expected_batch_size must be a finite number > 0 (the public q·N), "
@@ -57,6 +63,7 @@ class DPOptimizer(Optimizer):
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2 ** 63):
             raise PrivacyConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
         known = set(map(id, engine.params))
+        held = set()
         for gi, group in enumerate(optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.requires_grad and id(p) not in known:
@@ -64,9 +71,16 @@ class DPOptimizer(Optimizer):
                         f"optimizer param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) is not a trainable "
                         f"parameter of the model the engine was attached to; build the optimizer from "
                         f"model.parameters() of that model")
+                held.add(id(p))
+        missing = [engine.param_keys[p] for p in engine.params if id(p) not in held]
+        if missing:
+            raise PrivacyConfigError(
+                f"the model has trainable parameters that the optimizer does not update: {missing}; their clipped "
+                f"sums would never be released. Freeze them before making the model private "
+                f"(requires_grad_(False)) or give them to the optimizer")
         self.original_optimizer = optimizer
         self.engine = engine
-        self.noise_multiplier = float(noise_multiplier)
+        self._noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
         self.accountant = accountant
         self.sample_rate = sample_rate
@@ -103,13 +117,33 @@ class DPOptimizer(Optimizer):
                 f"B̄={self.expected_batch_size}, {self.original_optimizer!r})")
 
     def add_param_group(self, param_group: Dict) -> None:
-        known = set(map(id, self.engine.params))
-        if any(p.requires_grad and id(p) not in known for p in param_group["params"]):
-            raise PrivacyConfigError("add_param_group: parameters must be trainable parameters of the engine's model")
-        self.original_optimizer.add_param_group(param_group)
+        raise PrivacyConfigError(
+            "add_param_group on a private optimizer: the parameter set is fixed when the model is made private "
+            "(a parameter added later would release gradients the clipping never bounded). Build the optimizer "
+            "with all its parameter groups before make_private")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameters' gradients and discard everything the engine recorded since the last step."""
+        self.engine.clear()
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- privacy parameters, checked when set ------------------------------------------------------
+    @property
+    def noise_multiplier(self) -> float:
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        self._noise_multiplier = check_noise_multiplier(value, allow_zero=self.allow_non_private)
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The clipping norm C (of the engine's clipping style); settable between steps."""
+        return self.engine.clipping.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        self.engine.clipping.max_grad_norm = value
 
     # -- the private step ----------------------------------------------------------------------
     @property
@@ -140,21 +174,65 @@ class DPOptimizer(Optimizer):
         if self.sparsity is not None:
             self.sparsity.after_step(self._trainable())
 
+    def check_release(self) -> None:
+        """Everything that could make this step's release non-private or unaccountable, checked before any
+        gradient is written: σ (and the accountant's inputs), the clipping norm the backward passes used,
+        and the parameter set. Raises :class:`PrivacyConfigError` (and discards the step's sums)."""
+        try:
+            check_noise_multiplier(self._noise_multiplier, allow_zero=self.allow_non_private)
+            if self.accountant is not None:
+                check_sample_rate(self.sample_rate)
+            used = self.engine.step_sensitivity
+            if used is not None and used != self.engine.clipping.sensitivity:
+                raise PrivacyConfigError(
+                    f"the clipping norm changed between backward and step() (clipped with sensitivity {used:g}, the "
+                    f"noise would be for {self.engine.clipping.sensitivity:g}); change max_grad_norm between steps")
+            self._check_parameter_set()
+        except PrivacyConfigError:
+            self.engine.clear()
+            raise
+
+    def _check_parameter_set(self) -> None:
+        engine = self.engine
+        trainable = self._trainable()
+        keys = engine.param_keys
+        frozen = [keys[p] for p in engine.params if not p.requires_grad]
+        if frozen:
+            raise PrivacyConfigError(
+                f"parameters {frozen} were frozen after the model was made private; the parameter set is fixed "
+                f"at make_private (freeze layers before, or detach and make the model private again)")
+        unfrozen = [n for n, p in engine.module.named_parameters() if p.requires_grad and p not in keys]
+        if unfrozen:
+            raise PrivacyConfigError(
+                f"parameters {unfrozen} were unfrozen after the model was made private; their gradients are not "
+                f"clipped. Unfreeze layers before make_private (or detach and make the model private again)")
+        if set(map(id, trainable)) != engine._param_ids:
+            raise PrivacyConfigError(
+                "the optimizer's parameters changed after the model was made private (param_groups edited); the "
+                "optimizer must hold exactly the engine's trainable parameters")
+
     def privatize_gradients(self, masks: Optional[Dict[torch.Tensor, Tensor]] = None) -> None:
-        """Turn the engine's accumulated clipped sums into ``p.grad = (sum + σC·ξ) / B̄`` for every trainable
-        parameter, consuming the sums, then keep only the coordinates of ``masks[p]`` where given. Called once
-        per logical step by :meth:`step`."""
+        """Turn the engine's clipped sums of this step into ``p.grad = (sum + σC·ξ) / B̄`` for every trainable
+        parameter (the engine's other records are discarded), then keep only the coordinates of ``masks[p]``
+        where given. Called once per logical step by :meth:`step`; everything is checked first, and no
+        ``p.grad`` is written unless all of them can be."""
+        self.check_release()
         plan, inv_batch = self.noise_plan(), 1.0 / self.expected_batch_size
+        released = self.engine.release(list(plan.offsets))
+        grads = {}
         for p, offset in plan.offsets.items():
-            g, noise_in_sum = self.engine.take_summed_grad(p)
+            g, noise_in_sum = released[p]
             if noise_in_sum is None:
                 ops.add_noise_and_scale_(g, plan.seed, offset, plan.std, inv_batch)
             elif noise_in_sum == (plan.seed, offset, plan.std):
                 g.mul_(inv_batch)
             else:
-                raise RuntimeError(f"the noise added during the backward {noise_in_sum} is not the noise of this "
-                                   f"release {(plan.seed, offset, plan.std)}: noise_multiplier, the seed or the "
-                                   f"parameters changed between backward and step()")
+                raise PrivacyConfigError(
+                    f"the noise added during the backward {noise_in_sum[1:]} is not the noise of this release "
+                    f"{(offset, plan.std)}: noise_multiplier, the clipping norm or the parameters changed between "
+                    f"backward and step(); nothing was released")
+            grads[p] = g
+        for p, g in grads.items():
             p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
             if self.sparsity is not None:
                 self.sparsity.observe(p, p.grad)
@@ -162,20 +240,33 @@ class DPOptimizer(Optimizer):
                 p.grad.mul_(masks[p].to(p.grad.dtype))
         self.noise_offset += sum(p.numel() for p in plan.offsets)
 
+    def _account(self, compositions: int = 1) -> None:
+        """One logical step of ``compositions`` queries for the accountant (checked in :meth:`check_release`)."""
+        if self.accountant is not None:
+            if self._noise_multiplier == 0:
+                self.accountant.record_non_private_step()
+            else:
+                self.accountant.step(self._noise_multiplier, self.sample_rate, num_compositions=compositions)
+        self.steps += 1
+
+    def _run_closure(self, closure: Callable[[], Tensor]):
+        """Forward and backward passes of the logical batch; if they raise, the partial sums are discarded."""
+        try:
+            with torch.enable_grad():
+                return closure()
+        except BaseException:
+            self.engine.clear()
+            raise
+
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """One logical step: run ``closure`` (forward + backward of all micro-batches) if given, add noise once,
         update, advance the accountant."""
         masks = self.select_masks()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure) if closure is not None else None
         self.privatize_gradients(masks)
         self.original_optimizer.step()
         self._after_update()
-        if self.accountant is not None:
-            self.accountant.step(self.noise_multiplier, self.sample_rate)
-        self.steps += 1
+        self._account()
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------------

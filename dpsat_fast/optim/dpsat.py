@@ -119,11 +119,10 @@ class DPSAT(DPOptimizer):
         params = self._trainable()
         self._state.restore(params)  # masks are chosen at w_t, before anything of this step is read
         masks = self.select_masks()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._state.restore(params)
+        try:
+            loss = self._run_closure(closure) if closure is not None else None
+        finally:
+            self._state.restore(params)
         self.privatize_gradients(masks)
         released = [p.grad for p in params]
         if self.direction == "noisy_gradient":
@@ -135,9 +134,7 @@ class DPSAT(DPOptimizer):
         if self.direction == "last_update" and self.rho > 0:
             self.perturbation = _scaled_to_radius(torch._foreach_sub(before, [p.detach() for p in params]),
                                                   self.rho)
-        if self.accountant is not None:
-            self.accountant.step(self.noise_multiplier, self.sample_rate)
-        self.steps += 1
+        self._account()
         return loss
 
     def detach(self) -> None:
@@ -177,22 +174,18 @@ class DPSAM(DPOptimizer):
                                      "evaluates the batch twice per step")
         params = self._trainable()
         masks = self.select_masks()
-        with torch.enable_grad():
-            closure()
+        self._run_closure(closure)
         self.privatize_gradients(masks)  # query 1: g̃ at w_t
         state = _Perturbation()
         if self.rho > 0:
             state.apply(params, _scaled_to_radius([p.grad for p in params], self.rho))
         self.zero_grad(set_to_none=True)
         try:
-            with torch.enable_grad():
-                loss = closure()
+            loss = self._run_closure(closure)
         finally:
             state.restore(params)
         self.privatize_gradients(masks)  # query 2: g̃ at w_t + ε
         self.original_optimizer.step()
         self._after_update()
-        if self.accountant is not None:
-            self.accountant.step(self.noise_multiplier, self.sample_rate, num_compositions=2)
-        self.steps += 1
+        self._account(compositions=2)
         return loss
