@@ -71,7 +71,8 @@ def test_schema_and_cpu_kernel_come_from_the_extension(name):
 # Linear: G_i = g_iᵀ a_i
 # ---------------------------------------------------------------------------------------------------
 
-LINEAR = [(3, 1, 7, 5), (4, 13, 19, 6), (2, 37, 5, 33), (5, 3, 17, 16), (1, 2, 1, 1)]  # (B, T, D, P)
+# (B, T, D, P); the last one has B·T above CLIPPED_SUM_BLOCK_ROWS: a clipped sum of several blocks
+LINEAR = [(3, 1, 7, 5), (4, 13, 19, 6), (2, 37, 5, 33), (5, 3, 17, 16), (1, 2, 1, 1), (40, 30, 5, 6)]
 
 
 def linear_reference(a, g):
@@ -190,9 +191,10 @@ def test_conv_per_example_grads(dtype, case, batch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CONV, ids=CONV_IDS)
-def test_conv_clipped_sum(dtype, case):
-    w, x, g, args = conv_case(case, batch=4, dtype=dtype)
-    s = torch.rand(4, dtype=dtype)
+@pytest.mark.parametrize("batch", [4, 60])  # one block of examples / several (B·T above CLIPPED_SUM_BLOCK_ROWS)
+def test_conv_clipped_sum(dtype, case, batch):
+    w, x, g, args = conv_case(case, batch=batch, dtype=dtype)
+    s = torch.rand(batch, dtype=dtype)
     pw, pb = conv_reference(w, x, g, args)
     ours = op("conv_clipped_sum_with_noise")(x, g, s, *args, True, 0, 0, 0, 0.0)
     base = TORCH["conv_clipped_sum_with_noise"](x.float(), g.float(), s.float(), *args, True, 0, 0, 0, 0.0)
@@ -256,15 +258,18 @@ def _noise_cases(dtype):
     w, x, cg, args = conv_case(CONV[3], dtype=dtype)
     cs = torch.rand(3, dtype=dtype)
     grads = randn(3, 1100, dtype=dtype)
+    ab, gb, sb = randn(300, 5, 6, dtype=dtype), randn(300, 5, 4, dtype=dtype), torch.rand(300, dtype=dtype)
     return {
         "linear": (lambda std: op("linear_clipped_sum_with_noise")(a, g, s, True, 11, 7, 200, std), (7, 200)),
+        "linear_blocks": (lambda std: op("linear_clipped_sum_with_noise")(ab, gb, sb, True, 11, 7, 200, std),
+                          (7, 200)),
         "conv": (lambda std: op("conv_clipped_sum_with_noise")(x, cg, cs, *args, True, 11, 0, 5000, std), (0, 5000)),
         "per_example": (lambda std: (op("per_example_clipped_sum_with_noise")(grads, s, 11, 123, std),), (123,)),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", ["linear", "conv", "per_example"])
+@pytest.mark.parametrize("case", ["linear", "linear_blocks", "conv", "per_example"])
 def test_noise_is_the_reference_stream(dtype, case):
     run, offsets = _noise_cases(dtype)[case]
     std = 0.75
@@ -328,6 +333,7 @@ def test_results_do_not_depend_on_the_thread_count():
     torch.manual_seed(0)
     grads, s = randn(9, 40_000), torch.rand(9)
     xhat, g = randn(4, 300, 70), randn(4, 300, 70)
+    a3, g3 = randn(5, 40, 30), randn(5, 40, 20)
     tensors = [randn(100_003), randn(70, 3001)]
     threads = torch.get_num_threads()
     results = []
@@ -336,6 +342,7 @@ def test_results_do_not_depend_on_the_thread_count():
             torch.set_num_threads(n)
             results.append((op("per_example_clipped_sum_with_noise")(grads, s, 3, 9, 1.0),
                             *op("affine_per_example_grads")(xhat, g, True, True),
+                            *op("linear_weight_sq_norms")(a3, g3, "ghost", True),
                             op("multi_tensor_sq_norm")(tensors)))
     finally:
         torch.set_num_threads(threads)

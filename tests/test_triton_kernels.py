@@ -1,4 +1,4 @@
-"""The Triton kernels against float64 references (DESIGN.md §2.3-2.4, TESTING.md).
+"""The Triton kernels against float64 references (docs/algorithms.md §3–4).
 
 On a machine without CUDA they run in the Triton interpreter (conftest sets TRITON_INTERPRET=1 before
 anything imports triton), on CPU tensors, with small odd shapes; with CUDA they run on the GPU, where the
@@ -88,7 +88,8 @@ def test_linear_sq_norms(route, B, T, D, P, with_bias):
         assert b is None
 
 
-@pytest.mark.parametrize("B, T, D, P", LINEAR_SHAPES + [(40, 30, 5, 6)])  # the last one splits the reduction
+# the last one splits the reduction and has several blocks of CLIPPED_SUM_BLOCK_ROWS rows per split
+@pytest.mark.parametrize("B, T, D, P", LINEAR_SHAPES + [(40, 30, 5, 6), (150, 30, 5, 6)])
 def test_linear_clipped_sum(B, T, D, P, nan_empty):
     a, g, scale = randn(B, T, D), randn(B, T, P), torch.rand(B).to(DEVICE)
     pe = linear_reference(a, g)
@@ -152,11 +153,12 @@ def test_conv_sq_norms(route, case):
     assert_close_to_reference(b, b32, pb.pow(2).sum(1), "bias")
 
 
-@pytest.mark.parametrize("case", CONV2D + CONV1D)
-def test_conv_clipped_sum(case, nan_empty):
-    conv, x, g = conv_case(case, batch=3)
+# batch 140: 4200 rows, four splits of two blocks each
+@pytest.mark.parametrize("case, batch", [(c, 3) for c in CONV2D + CONV1D] + [(CONV2D[3], 140)])
+def test_conv_clipped_sum(case, batch, nan_empty):
+    conv, x, g = conv_case(case, batch=batch)
     pw, pb = conv_reference(conv, x, g)
-    scale = torch.rand(3).to(DEVICE)
+    scale = torch.rand(batch).to(DEVICE)
     w, b = ops.conv_clipped_sum_with_noise(x, g, scale, *conv_args(conv), with_bias=True)
     with ops.kernel_backend_as("torch"):
         w32, b32 = ops.conv_clipped_sum_with_noise(x.cpu(), g.cpu(), scale.cpu(), *conv_args(conv), with_bias=True)

@@ -1,4 +1,4 @@
-// CPU kernels of the per-sample gradient ops (DESIGN.md §2.3-2.4) and of DP-SAT's multi-tensor passes.
+// CPU kernels of the per-sample gradient ops (docs/algorithms.md §3–4) and of DP-SAT's multi-tensor passes.
 //
 // GEMMs and convolution weight-gradients go through ATen (oneDNN / MKL / OpenBLAS): that is where the
 // FLOPs are, and no hand-written loop beats those libraries there. The work is arranged here: per-example
@@ -8,9 +8,16 @@
 // Gram matrices or the per-example gradients (no squared temporaries), the norm-layer gradients in one
 // pass over x̂ and g, and the multi-tensor norm / perturb of DP-SAT.
 //
-// Accumulation is float32 (float64 for float64 inputs). Reductions keep 16 independent partial sums
-// so that the compiler vectorizes them without reassociating (no -ffast-math), and every reduction has
-// a fixed order: results do not depend on the number of threads.
+// Accumulation (dpsat_fast/ops/error_bounds.py derives its worst-case error from what follows): GEMMs
+// and convolution weight-gradients in float32 (float64 for float64 inputs). Every sum of squares that
+// makes a squared norm is wide: float32 partial sums over at most kWideBlock = 256 consecutive terms,
+// added in float64 (float64 throughout for float64 inputs); the ghost route's double sum Σ_{t,s} Â_ts·Ĝ_ts
+// takes exact float64 products of the float32 Gram entries and a float64 sum; a per-example result is
+// rounded to float32 once, at the end. The clipped sums reduce the B·T rows (examples × positions) in
+// blocks of at most kClippedSumBlockRows rows (a whole example when it has more positions), one GEMM or
+// convolution weight-gradient per block, and add the block results in order. Our own reductions keep 16
+// independent partial sums so that the compiler vectorizes them without reassociating (no -ffast-math),
+// and every reduction has a fixed order: results do not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,6 +40,12 @@ constexpr int64_t kChunkElements = int64_t{1} << 24;
 // Elements per task in the element-wise parallel loops.
 constexpr int64_t kGrain = int64_t{1} << 15;
 constexpr int kLanes = 16;
+// Consecutive float32 terms summed in float32 before the float64 total of a wide sum of squares.
+constexpr int64_t kWideBlock = 256;
+// K0: rows (examples × positions) a clipped sum reduces at once before adding the block to the running
+// sum. Must equal CLIPPED_SUM_BLOCK_ROWS of dpsat_fast/ops/torch_impl.py, from which the error bounds of
+// dpsat_fast/ops/error_bounds.py are computed (tests/test_error_bounds.py checks that they agree).
+constexpr int64_t kClippedSumBlockRows = 1024;
 
 at::ScalarType accum_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -101,46 +114,58 @@ T sum(const T* x, int64_t n) {
   return lane_sum<T>(n, [x](int64_t j) { return x[j]; });
 }
 
-// Σ x² of float32 data with a float64 total: float32 partial sums over 256-element blocks only, so the
-// rounding error does not grow with n (a global norm over millions of parameters).
+// Σ x² of float32 data with a float64 total: float32 partial sums over kWideBlock-element blocks only, so
+// the rounding error does not grow with n (a global norm over millions of parameters).
 double sum_squares_wide(const float* x, int64_t n) {
   double total = 0.0;
-  for (int64_t s = 0; s < n; s += 256) total += sum_squares(x + s, std::min<int64_t>(256, n - s));
+  for (int64_t s = 0; s < n; s += kWideBlock) total += sum_squares(x + s, std::min(kWideBlock, n - s));
   return total;
+}
+
+double sum_squares_wide(const double* x, int64_t n) {
+  return sum_squares(x, n);
+}
+
+// ⟨x, y⟩ with exact float64 products (of float32 or float64 data) and a float64 sum.
+template <typename T>
+double dot_wide(const T* x, const T* y, int64_t n) {
+  return lane_sum<double>(n, [x, y](int64_t j) { return static_cast<double>(x[j]) * static_cast<double>(y[j]); });
 }
 
 int64_t row_grain(int64_t row_length) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_length, 1));
 }
 
-// out[r] = Σ_k x[r, k]²  (x: [rows, K] contiguous, accumulation dtype), written into out[0:rows].
-void row_sq_norms_into(const at::Tensor& x, at::Tensor out) {
+// out[r] = Σ_k x[r, k]² by the wide sum (x: [rows, ...] contiguous, float32 or float64; out: float64).
+void row_sq_norms_wide_into(const at::Tensor& x, at::Tensor out) {
   const int64_t rows = x.size(0), k = x.numel() / std::max<int64_t>(rows, 1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_sq_norms", [&] {
+  double* po = out.mutable_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_sq_norms_wide", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    scalar_t* po = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(k), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) po[r] = sum_squares(px + r * k, k);
+      for (int64_t r = begin; r < end; ++r) po[r] = sum_squares_wide(px + r * k, k);
     });
   });
 }
 
-at::Tensor row_sq_norms(const at::Tensor& x) {
+// Σ_k x[r, k]² for each row r of x [rows, ...] (accumulation dtype, any strides): float64 [rows].
+at::Tensor row_sq_norms_wide(const at::Tensor& x) {
   at::Tensor c = x.contiguous();
-  at::Tensor out = at::empty({c.size(0)}, c.options());
-  row_sq_norms_into(c, out);
+  at::Tensor out = at::empty({c.size(0)}, c.options().dtype(at::kDouble));
+  row_sq_norms_wide_into(c, out);
   return out;
 }
 
-// out[r] = ⟨x[r], y[r]⟩  (x, y: [rows, K] contiguous, accumulation dtype).
-void row_dots_into(const at::Tensor& x, const at::Tensor& y, at::Tensor out) {
+// out[r] = ⟨x[r], y[r]⟩ with exact float64 products and a float64 sum (x, y: [rows, K] contiguous,
+// float32 or float64; out: float64).
+void row_dots_wide_into(const at::Tensor& x, const at::Tensor& y, at::Tensor out) {
   const int64_t rows = x.size(0), k = x.numel() / std::max<int64_t>(rows, 1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_dots", [&] {
+  double* po = out.mutable_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_dots_wide", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* py = y.const_data_ptr<scalar_t>();
-    scalar_t* po = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(k), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) po[r] = dot(px + r * k, py + r * k, k);
+      for (int64_t r = begin; r < end; ++r) po[r] = dot_wide(px + r * k, py + r * k, k);
     });
   });
 }
@@ -347,11 +372,12 @@ void check_conv(const char* op, const at::Tensor& x, const at::Tensor& g, at::In
 // norms
 // ---------------------------------------------------------------------------------------------
 
-// ‖g_iᵀ a_i‖² of a [b, T, D] and g [b, T, P] (accumulation dtype, any strides) into out[0:b].
+// ‖g_iᵀ a_i‖² of a [b, T, D] and g [b, T, P] (accumulation dtype, any strides) into out[0:b] (float64):
+// Grams in the accumulation dtype, their Frobenius product wide.
 void ghost_sq_norms_into(const at::Tensor& a, const at::Tensor& g, at::Tensor out) {
   const at::Tensor gram_a = at::bmm(a, a.transpose(1, 2));  // [b, T, T]
   const at::Tensor gram_g = at::bmm(g, g.transpose(1, 2));
-  row_dots_into(gram_a, gram_g, out);
+  row_dots_wide_into(gram_a, gram_g, out);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_weight_sq_norms_cpu(const at::Tensor& a, const at::Tensor& g,
@@ -363,16 +389,16 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_sq_norms_cpu(const at::Tensor& 
   TORCH_CHECK(a.dim() == 3 && g.dim() == 3 && a.size(0) == g.size(0) && a.size(1) == g.size(1), op,
               ": a [B, T, D] and g [B, T, P] must agree, got ", a.sizes(), " and ", g.sizes());
   const int64_t B = a.size(0), T = a.size(1), D = a.size(2), P = g.size(2);
-  at::Tensor w = accum_empty(a, {B});
+  const auto acc = accum_type(a);
+  at::Tensor w = at::empty({B}, a.options().dtype(at::kDouble));  // wide until the end
   at::Tensor b = accum_empty(a, {with_bias ? B : 0});
-  if (B == 0) return {w, b};
+  if (B == 0) return {w.to(acc), b};
   if (T == 1) {
     // rank one: ‖g_i a_iᵀ‖² = ‖a_i‖²·‖g_i‖²
-    const at::Tensor sa = row_sq_norms(to_accum(a).reshape({B, D}));
-    const at::Tensor sg = row_sq_norms(to_accum(g).reshape({B, P}));
-    w.copy_(sa * sg);
+    const at::Tensor sa = row_sq_norms_wide(to_accum(a).reshape({B, D}));
+    const at::Tensor sg = row_sq_norms_wide(to_accum(g).reshape({B, P}));
     if (with_bias) b.copy_(sg);
-    return {w, b};
+    return {(sa * sg).to(acc), b};
   }
   const bool ghost = route == "ghost";
   const int64_t step = chunk_size(ghost ? T * T : D * P);
@@ -382,11 +408,11 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_sq_norms_cpu(const at::Tensor& 
     if (ghost) {
       ghost_sq_norms_into(ac, gc, w.narrow(0, s, n));
     } else {
-      row_sq_norms_into(at::bmm(gc.transpose(1, 2), ac), w.narrow(0, s, n));  // [n, P, D]
+      row_sq_norms_wide_into(at::bmm(gc.transpose(1, 2), ac), w.narrow(0, s, n));  // [n, P, D]
     }
   }
-  if (with_bias) row_sq_norms_into(per_example_sums(g), b);
-  return {w, b};
+  if (with_bias) b.copy_(row_sq_norms_wide(per_example_sums(g)));
+  return {w.to(acc), b};
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_weight_sq_norms_cpu(
@@ -398,9 +424,10 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_sq_norms_cpu(
   check_route(op, route);
   const int64_t B = x.size(0);
   const int64_t T = positions_by_channels(g).size(1);
-  at::Tensor w = accum_empty(x, {B});
+  const auto acc = accum_type(x);
+  at::Tensor w = at::empty({B}, x.options().dtype(at::kDouble));  // wide until the end
   at::Tensor b = accum_empty(x, {with_bias ? B : 0});
-  if (B == 0) return {w, b};
+  if (B == 0) return {w.to(acc), b};
   int64_t weight_numel = 1;
   for (auto s : ws) weight_numel *= s;
   if (route == "instantiate") {
@@ -409,13 +436,13 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_sq_norms_cpu(
       const int64_t n = std::min(step, B - s);
       const at::Tensor pe = conv_per_example_weight_grads(x.narrow(0, s, n), g.narrow(0, s, n), ws,
                                                           stride, padding, dilation, groups);
-      row_sq_norms_into(pe.view({n, -1}), w.narrow(0, s, n));
+      row_sq_norms_wide_into(pe.contiguous(), w.narrow(0, s, n));
     }
   } else {
     // ghost, per (example, group): a [T, D_k] the unfolded input, g [T, P_k]
     const int64_t d_k = weight_numel / ws[0], p_k = ws[0] / groups;
     const int64_t step = chunk_size(groups * T * T);
-    at::Tensor per_group = accum_empty(x, {B * groups});
+    at::Tensor per_group = at::empty({B * groups}, x.options().dtype(at::kDouble));
     for (int64_t s = 0; s < B; s += step) {
       const int64_t n = std::min(step, B - s);
       const at::Tensor cols = unfold_patches(to_accum(x.narrow(0, s, n)), ws.slice(2), stride, padding,
@@ -426,8 +453,8 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_sq_norms_cpu(
     }
     w.copy_(per_group.view({B, groups}).sum(1));
   }
-  if (with_bias) row_sq_norms_into(per_example_sums(positions_by_channels(g)), b);
-  return {w, b};
+  if (with_bias) b.copy_(row_sq_norms_wide(per_example_sums(positions_by_channels(g))));
+  return {w.to(acc), b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_per_example_grads_cpu(
@@ -437,12 +464,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_per_example_grad
   check_conv(op, x, g, ws, stride, padding, dilation, groups);
   const int64_t B = x.size(0);
   const at::Tensor pe = conv_per_example_weight_grads(x, g, ws, stride, padding, dilation, groups);
-  at::Tensor w_sq = accum_empty(x, {B});
-  row_sq_norms_into(pe.view({B, pe.numel() / std::max<int64_t>(B, 1)}), w_sq);
+  const auto acc = accum_type(x);
+  const at::Tensor w_sq = row_sq_norms_wide(pe).to(acc);
   at::Tensor db = accum_empty(x, {0}), b_sq = accum_empty(x, {0});
   if (with_bias) {
     db = per_example_sums(positions_by_channels(g)).contiguous();
-    b_sq = row_sq_norms(db);
+    b_sq = row_sq_norms_wide(db).to(acc);
   }
   return {pe, db, w_sq, b_sq};
 }
@@ -455,9 +482,9 @@ void add_noise_if(at::Tensor& t, int64_t seed, int64_t offset, double noise_std)
   if (noise_std != 0.0) cpu::add_noise_(t, seed, offset, noise_std);
 }
 
-// Σ_i s_i Σ_t g_{i,t}: g [B, T, P] (any strides), scale [B] -> [P]
-at::Tensor scaled_bias_sum(const at::Tensor& g3, const at::Tensor& scale) {
-  return at::mv(per_example_sums(g3).t(), scale.to(accum_type(g3)));
+// rows [n, K] of the accumulation dtype (any strides) -> Σ_r rows[r] · w[r] ([K]): one GEMV.
+at::Tensor weighted_row_sum(const at::Tensor& rows, const at::Tensor& w) {
+  return at::mv(rows.t(), w);
 }
 
 // x * s_i along dim 0 in the accumulation dtype.
@@ -485,18 +512,38 @@ std::tuple<at::Tensor, at::Tensor> linear_clipped_sum_with_noise_cpu(
   check_scale(op, scale, B);
   check_noise(op, seed, weight_offset, P * D, noise_std);
   check_noise(op, seed, bias_offset, with_bias ? P : 0, noise_std);
-  // one GEMM (diag(s) g)ᵀ a; the per-example scale goes on the narrower operand
-  at::Tensor w;
-  if (P <= D) {
-    w = at::mm(scale_examples(g, scale).reshape({B * T, P}).t(), to_accum(a).reshape({B * T, D}));
-  } else {
-    w = at::mm(to_accum(g).reshape({B * T, P}).t(), scale_examples(a, scale).reshape({B * T, D}));
+  // (diag(s) g)ᵀ a, one GEMM per block of at most kClippedSumBlockRows of the B·T rows, the blocks added in
+  // order; the per-example scale goes on the narrower operand
+  const int64_t rows = B * T;
+  const at::Tensor a2 = (P <= D ? to_accum(a) : scale_examples(a, scale)).reshape({rows, D});
+  const at::Tensor g2 = (P <= D ? scale_examples(g, scale) : to_accum(g)).reshape({rows, P});
+  at::Tensor w = rows == 0 ? accum_empty(a, {P, D}).zero_() : at::Tensor();
+  for (int64_t s = 0; s < rows; s += kClippedSumBlockRows) {
+    const int64_t n = std::min(kClippedSumBlockRows, rows - s);
+    at::Tensor part = at::mm(g2.narrow(0, s, n).t(), a2.narrow(0, s, n));  // [P, D]
+    if (s == 0) {
+      w = part.contiguous();
+    } else {
+      w.add_(part);
+    }
   }
-  w = w.contiguous();
   add_noise_if(w, seed, weight_offset, noise_std);
   at::Tensor b = accum_empty(a, {0});
   if (with_bias) {
-    b = scaled_bias_sum(g, scale);
+    // Σ_rows s_row g_row over the same blocks
+    const at::Tensor gu = to_accum(g).reshape({rows, P});
+    const at::Tensor sc = scale.to(accum_type(a));
+    const at::Tensor row_scale = T == 1 ? sc : sc.repeat_interleave(T);
+    b = rows == 0 ? accum_empty(a, {P}).zero_() : at::Tensor();
+    for (int64_t s = 0; s < rows; s += kClippedSumBlockRows) {
+      const int64_t n = std::min(kClippedSumBlockRows, rows - s);
+      at::Tensor part = weighted_row_sum(gu.narrow(0, s, n), row_scale.narrow(0, s, n));
+      if (s == 0) {
+        b = part;
+      } else {
+        b.add_(part);
+      }
+    }
     add_noise_if(b, seed, bias_offset, noise_std);
   }
   return {w, b};
@@ -514,15 +561,53 @@ std::tuple<at::Tensor, at::Tensor> conv_clipped_sum_with_noise_cpu(
   for (auto s : ws) weight_numel *= s;
   check_noise(op, seed, weight_offset, weight_numel, noise_std);
   check_noise(op, seed, bias_offset, with_bias ? ws[0] : 0, noise_std);
-  // Σ_i s_i ∂W_i is the weight-gradient of (x, diag(s) g), or of (diag(s) x, g): scale the smaller
+  // Σ_i s_i ∂W_i is the weight-gradient of (x, diag(s) g), or of (diag(s) x, g): scale the smaller. One
+  // weight-gradient per block of whole examples, max(1, K0 / T) of them (at most max(K0, T) rows), the
+  // blocks added in order.
   const bool scale_x = x.numel() <= g.numel();
   const at::Tensor xs = scale_x ? scale_examples(x, scale) : to_accum(x);
   const at::Tensor gs = scale_x ? to_accum(g) : scale_examples(g, scale);
-  at::Tensor w = conv_weight_grad(gs, xs, ws, stride, padding, dilation, groups).contiguous();
+  const int64_t T = positions_by_channels(g).size(1);
+  const int64_t step = std::max<int64_t>(1, kClippedSumBlockRows / std::max<int64_t>(T, 1));
+  at::Tensor w = B == 0 ? accum_empty(x, ws).zero_() : at::Tensor();
+  const auto add_block = [&w](int64_t s, const at::Tensor& part) {
+    if (s == 0) {
+      w = part.contiguous();
+    } else {
+      w.add_(part);
+    }
+  };
+  if (step == 1) {
+    // every block is one example (T >= K0): the per-example weight-gradients, computed as
+    // conv_per_example_weight_grads does (one batched GEMM for trivial or few patches), then summed
+    const int64_t chunk = chunk_size(weight_numel);
+    for (int64_t s = 0; s < B; s += chunk) {
+      const int64_t n = std::min(chunk, B - s);
+      add_block(s, conv_per_example_weight_grads(xs.narrow(0, s, n), gs.narrow(0, s, n), ws, stride, padding,
+                                                 dilation, groups).sum(0));
+    }
+  } else {
+    for (int64_t s = 0; s < B; s += step) {
+      const int64_t n = std::min(step, B - s);
+      add_block(s, conv_weight_grad(gs.narrow(0, s, n), xs.narrow(0, s, n), ws, stride, padding, dilation, groups));
+    }
+  }
   add_noise_if(w, seed, weight_offset, noise_std);
   at::Tensor b = accum_empty(x, {0});
   if (with_bias) {
-    b = scaled_bias_sum(positions_by_channels(g), scale);
+    // per-example sums over the T positions, then Σ_i s_i ·(sum)_i over the same blocks of examples
+    const at::Tensor sums = per_example_sums(positions_by_channels(g));  // [B, C_out]
+    const at::Tensor sc = scale.to(accum_type(x));
+    b = B == 0 ? accum_empty(x, {ws[0]}).zero_() : at::Tensor();
+    for (int64_t s = 0; s < B; s += step) {
+      const int64_t n = std::min(step, B - s);
+      at::Tensor part = weighted_row_sum(sums.narrow(0, s, n), sc.narrow(0, s, n));
+      if (s == 0) {
+        b = part;
+      } else {
+        b.add_(part);
+      }
+    }
     add_noise_if(b, seed, bias_offset, noise_std);
   }
   return {w, b};
@@ -605,12 +690,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_per_example_gr
   });
   at::Tensor w_sq = accum_empty(g, {0}), b_sq = accum_empty(g, {0});
   if (with_weight) {
-    w_sq = row_sq_norms(dw);
+    w_sq = row_sq_norms_wide(dw).to(accum_type(g));
   } else {
     dw = accum_empty(g, {0});
   }
   if (with_bias) {
-    b_sq = row_sq_norms(db);
+    b_sq = row_sq_norms_wide(db).to(accum_type(g));
   } else {
     db = accum_empty(g, {0});
   }

@@ -1,4 +1,4 @@
-"""Per-sample gradient ops: squared norms and clipped noisy sums of layer gradients (DESIGN.md §2.3-2.4).
+"""Per-sample gradient ops: squared norms and clipped noisy sums of layer gradients (docs/algorithms.md §3–4).
 
 Each op is a ``torch.ops.dpsat_fast`` op declared once, in csrc/dpsat_fast.cpp, with a fake (meta)
 implementation registered here, so ``torch.compile`` can trace code that calls it. Implementations per
@@ -10,8 +10,11 @@ they validate arguments and turn the ops' empty placeholder outputs into ``None`
 
 Weight ops take the tensors that define ``G_i = g_iᵀ a_i``: Linear ``a`` [B, T, D] and ``g`` [B, T, P];
 a convolution's input ``x`` [B, C, *S] and output gradient ``g`` [B, C_out, *S_out] with its geometry
-(numeric symmetric padding). Results are fp32 (fp64 for fp64 inputs). Noise ``ξ[j] = tl.randn(seed,
-offset + j)`` is added in row-major order of the parameter; ``noise_std = 0`` adds none.
+(numeric symmetric padding). Results are fp32 (fp64 for fp64 inputs); every implementation accumulates
+so that :mod:`.error_bounds` bounds its rounding error against ``S_i = Σ_t ‖a_{i,t}‖·‖g_{i,t}‖`` (squared
+norms and the ghost double sum in fp64, clipped sums in blocks of ``CLIPPED_SUM_BLOCK_ROWS`` rows). Noise
+``ξ[j] = tl.randn(seed, offset + j)`` is added in row-major order of the parameter; ``noise_std = 0`` adds
+none.
 """
 from __future__ import annotations
 
@@ -91,39 +94,34 @@ SCHEMAS = {
 
 def _torch_linear_weight_sq_norms(a, g, route, with_bias):
     w = torch_impl.weight_sq_norms(a, g, route)
-    b = torch_impl.bias_per_example_grads(g).pow(2).sum(1) if with_bias else _empty(a)
+    b = torch_impl.row_sq_norms(torch_impl.bias_per_example_grads(g)) if with_bias else _empty(a)
     return w, b
 
 
 def _torch_conv_weight_sq_norms(x, g, weight_shape, stride, padding, dilation, groups, route, with_bias):
     w = torch_impl.conv_weight_sq_norms(x, g, weight_shape, stride, padding, dilation, groups, route)
-    b = torch_impl.conv_bias_per_example_grads(g).pow(2).sum(1) if with_bias else _empty(x)
+    b = torch_impl.row_sq_norms(torch_impl.conv_bias_per_example_grads(g)) if with_bias else _empty(x)
     return w, b
 
 
 def _torch_conv_per_example_grads(x, g, weight_shape, stride, padding, dilation, groups, with_bias):
     pe = torch_impl.conv_per_example_grads(x, g, weight_shape, stride, padding, dilation, groups)
     db = torch_impl.conv_bias_per_example_grads(g) if with_bias else _empty(x)
-    return pe, db, pe.flatten(1).pow(2).sum(1), db.pow(2).sum(1) if with_bias else _empty(x)
+    return pe, db, torch_impl.row_sq_norms(pe), torch_impl.row_sq_norms(db) if with_bias else _empty(x)
 
 
 def _torch_linear_clipped_sum(a, g, scale, with_bias, seed, weight_offset, bias_offset, noise_std):
-    w = _noise_(torch_impl.weight_clipped_sum(a, g, scale), seed, weight_offset, noise_std)
-    b = _empty(a)
-    if with_bias:
-        b = _noise_(torch_impl.bias_per_example_grads(g).t().mv(scale.to(accum_dtype(g))), seed, bias_offset,
-                    noise_std)
+    w, b = torch_impl.linear_clipped_sum(a, g, scale, with_bias)
+    w = _noise_(w, seed, weight_offset, noise_std)
+    b = _noise_(b, seed, bias_offset, noise_std) if with_bias else _empty(a)
     return w, b
 
 
 def _torch_conv_clipped_sum(x, g, scale, weight_shape, stride, padding, dilation, groups, with_bias, seed,
                             weight_offset, bias_offset, noise_std):
-    w = torch_impl.conv_weight_clipped_sum(x, g, scale, weight_shape, stride, padding, dilation, groups)
+    w, b = torch_impl.conv_clipped_sum(x, g, scale, weight_shape, stride, padding, dilation, groups, with_bias)
     w = _noise_(w.contiguous(), seed, weight_offset, noise_std)
-    b = _empty(x)
-    if with_bias:
-        bias = torch_impl.conv_bias_per_example_grads(g)
-        b = _noise_(bias.t().mv(scale.to(bias.dtype)), seed, bias_offset, noise_std)
+    b = _noise_(b, seed, bias_offset, noise_std) if with_bias else _empty(x)
     return w, b
 
 
@@ -132,7 +130,8 @@ def _torch_affine_grads(xhat, g, with_weight, with_bias):
     gd = g.to(dt)
     dw = (xhat.to(dt) * gd).sum(1) if with_weight else _empty(g)
     db = gd.sum(1) if with_bias else _empty(g)
-    return (dw, db, dw.pow(2).sum(1) if with_weight else _empty(g), db.pow(2).sum(1) if with_bias else _empty(g))
+    return (dw, db, torch_impl.row_sq_norms(dw) if with_weight else _empty(g),
+            torch_impl.row_sq_norms(db) if with_bias else _empty(g))
 
 
 def _torch_per_example_clipped_sum(grads, scale, seed, offset, noise_std):

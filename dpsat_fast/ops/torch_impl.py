@@ -5,7 +5,7 @@ Weight gradients of the form G_i = g_iᵀ a_i.
 
 Every layer with a weight matrix (Linear, each group of a Conv, attention projections) has a per-example
 weight gradient ``G_i = g_iᵀ a_i`` with ``a_i ∈ R^{T×D}`` the layer input at T positions and
-``g_i ∈ R^{T×P}`` the gradient of the layer output (DESIGN.md §2.3). Two exact ways to get ``‖G_i‖²_F``:
+``g_i ∈ R^{T×P}`` the gradient of the layer output (docs/algorithms.md §3). Two exact ways to get ``‖G_i‖²_F``:
 
 * ghost:        ``‖G_i‖² = ⟨a_i a_iᵀ, g_i g_iᵀ⟩_F``      cost ≈ 2T²(D+P), memory T² per example;
 * instantiate:  form ``G_i`` and sum its squares         cost ≈ 2TDP,     memory DP per example.
@@ -18,7 +18,11 @@ Convolutions: for group k the layer is a matrix product on unfolded patches, ``a
 sum never unfold: both are convolution weight-gradients (the former with the batch folded into the
 groups, the latter of the per-example-scaled output gradient).
 
-All results are accumulated in float32 (float64 for float64 inputs).
+Accumulation (the error model of :mod:`.error_bounds` relies on it): GEMMs and convolution weight-gradients
+in float32 (float64 for float64 inputs); every sum of squares that makes a squared norm, and the ghost
+route's double sum ``Σ_{t,s} Â_ts·Ĝ_ts``, in float64 with exact float64 products, rounded once to float32 at
+the end. Clipped sums are blocked: at most :data:`CLIPPED_SUM_BLOCK_ROWS` rows (examples × positions) are
+reduced at a time (a whole example when it has more positions), and the block partials are then added.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from torch import Tensor
 
 # Per-chunk element budget for temporaries ([chunk, T, T] Grams or [chunk, P, D] per-example grads).
 _CHUNK_ELEMENTS = 1 << 24
+# Rows (examples × positions) reduced at once by a clipped sum before the block partial is added to the
+# running sum: K0 of the error model (dpsat_fast/ops/error_bounds.py). csrc/cpu/per_sample.cpp
+# (kClippedSumBlockRows) and the Triton kernel use the same value; tests/test_error_bounds.py checks it.
+CLIPPED_SUM_BLOCK_ROWS = 1024
+# Elements squared and summed at once in float64 by :func:`row_sq_norms` (bounds its temporaries).
+_WIDE_CHUNK_ELEMENTS = 1 << 22
 
 
 def accum_dtype(t: Tensor) -> torch.dtype:
@@ -46,40 +56,59 @@ def choose_route(T: int, D: int, P: int) -> str:
     return "ghost" if T * (D + P) < D * P else "instantiate"
 
 
-def batch_chunks(batch: int, per_example: int):
+def batch_chunks(batch: int, per_example: int, budget: int = _CHUNK_ELEMENTS):
     """Slices of the batch whose temporaries stay under the element budget (at least one slice)."""
-    step = max(1, _CHUNK_ELEMENTS // max(per_example, 1))
+    step = max(1, budget // max(per_example, 1))
     if batch == 0:
         yield slice(0, 0)
     for start in range(0, batch, step):
         yield slice(start, min(start + step, batch))
 
 
-def sq_norms_ghost(a: Tensor, g: Tensor) -> Tensor:
-    """``‖g_iᵀ a_i‖²`` via Gram matrices. a: [B, T, D], g: [B, T, P] -> [B]."""
+def row_sq_norms(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``Σ x[i]²`` over all but the first dim: x [B, ...] -> [B]. Squares and sums in float64 (exact squares
+    of float32 values), rounded once to ``dtype`` (default: the accumulation dtype of x)."""
+    out_dtype = accum_dtype(x) if dtype is None else dtype
+    B = x.shape[0]
+    x = x.reshape(B, -1)
+    out = torch.empty(B, dtype=torch.float64, device=x.device)
+    for sl in batch_chunks(B, x.shape[1], _WIDE_CHUNK_ELEMENTS):
+        out[sl] = x[sl].to(torch.float64).square_().sum(1)
+    return out.to(out_dtype)
+
+
+def sq_norms_ghost(a: Tensor, g: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``‖g_iᵀ a_i‖²`` via Gram matrices. a: [B, T, D], g: [B, T, P] -> [B].
+
+    The Grams are float32 GEMMs; ``Σ_{t,s} Â_ts·Ĝ_ts`` takes exact float64 products and a float64 sum
+    (ordinary float32 summation of these T² terms, each up to ``S_i²``, loses what cancels). The result
+    is rounded to ``dtype`` (default: the accumulation dtype; float64 keeps the wide sum, e.g. to add
+    up the groups of a convolution)."""
     dt = accum_dtype(a)
+    out_dtype = dt if dtype is None else dtype
     B, T, _ = a.shape
     if T == 1:
-        return a.to(dt).pow(2).sum((1, 2)) * g.to(dt).pow(2).sum((1, 2))
-    out = torch.empty(B, dtype=dt, device=a.device)
+        return (row_sq_norms(a, torch.float64) * row_sq_norms(g, torch.float64)).to(out_dtype)
+    out = torch.empty(B, dtype=torch.float64, device=a.device)
     for sl in batch_chunks(B, T * T):
         ac, gc = a[sl].to(dt), g[sl].to(dt)
         gram_a = torch.bmm(ac, ac.transpose(1, 2))  # [b, T, T]
         gram_g = torch.bmm(gc, gc.transpose(1, 2))  # [b, T, T]
-        out[sl] = (gram_a * gram_g).sum((1, 2))
-    return out
+        out[sl] = gram_a.to(torch.float64).mul_(gram_g).sum((1, 2))
+    return out.to(out_dtype)
 
 
-def sq_norms_instantiate(a: Tensor, g: Tensor) -> Tensor:
-    """``‖g_iᵀ a_i‖²`` by forming each G_i (in chunks). a: [B, T, D], g: [B, T, P] -> [B]."""
+def sq_norms_instantiate(a: Tensor, g: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``‖g_iᵀ a_i‖²`` by forming each G_i (in chunks, float32 GEMMs) and summing its squares in float64.
+    a: [B, T, D], g: [B, T, P] -> [B] in ``dtype`` (default: the accumulation dtype)."""
     dt = accum_dtype(a)
     B, _, D = a.shape
     P = g.shape[2]
-    out = torch.empty(B, dtype=dt, device=a.device)
+    out = torch.empty(B, dtype=torch.float64, device=a.device)
     for sl in batch_chunks(B, D * P):
         per_example = torch.bmm(g[sl].to(dt).transpose(1, 2), a[sl].to(dt))  # [b, P, D]
-        out[sl] = per_example.pow(2).sum((1, 2))
-    return out
+        out[sl] = row_sq_norms(per_example, torch.float64)
+    return out.to(dt if dtype is None else dtype)
 
 
 def weight_sq_norms(a: Tensor, g: Tensor, route: str | None = None) -> Tensor:
@@ -100,17 +129,38 @@ def weight_per_example_grads(a: Tensor, g: Tensor) -> Tensor:
 
 
 def weight_clipped_sum(a: Tensor, g: Tensor, scale: Tensor) -> Tensor:
-    """``Σ_i s_i g_iᵀ a_i`` as one GEMM: a: [B,T,D], g: [B,T,P], scale: [B] -> [P, D]."""
+    """``Σ_i s_i g_iᵀ a_i``: a: [B,T,D], g: [B,T,P], scale: [B] -> [P, D]. One GEMM ``(diag(s) g)ᵀ a`` per block
+    of :data:`CLIPPED_SUM_BLOCK_ROWS` rows of the [B·T] rows, the block results added in order."""
+    return linear_clipped_sum(a, g, scale, with_bias=False)[0]
+
+
+def linear_clipped_sum(a: Tensor, g: Tensor, scale: Tensor, with_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``(Σ_i s_i g_iᵀ a_i [P, D], Σ_i s_i Σ_t g_{i,t} [P] or None)``, both reduced over the [B·T] rows in blocks
+    of at most :data:`CLIPPED_SUM_BLOCK_ROWS` rows (one GEMM / GEMV per block), the block partials then added."""
     dt = accum_dtype(a)
     B, T, D = a.shape
     P = g.shape[2]
-    scaled = g.to(dt) * scale.to(dt).view(B, 1, 1)
-    return scaled.reshape(B * T, P).t().mm(a.to(dt).reshape(B * T, D))
+    scaled = (g.to(dt) * scale.to(dt).view(B, 1, 1)).reshape(B * T, P)
+    rows = a.to(dt).reshape(B * T, D)
+    w = torch.zeros(P, D, dtype=dt, device=a.device)
+    b = torch.zeros(P, dtype=dt, device=a.device) if with_bias else None
+    for start in range(0, B * T, CLIPPED_SUM_BLOCK_ROWS):
+        blk = slice(start, start + CLIPPED_SUM_BLOCK_ROWS)
+        w += scaled[blk].t().mm(rows[blk])
+        if with_bias:
+            b += scaled[blk].sum(0)
+    return w, b
 
 
 def bias_per_example_grads(g: Tensor) -> Tensor:
     """Per-example bias gradient ``Σ_t g_{i,t}``: g [B, T, P] -> [B, P]."""
     return g.to(accum_dtype(g)).sum(1)
+
+
+def clipped_sum_examples_per_block(T: int) -> int:
+    """Whole examples of T positions per block of a convolution's clipped sum: ``max(1, K0 // T)``, so a
+    block has at most ``max(K0, T)`` rows (K0 = :data:`CLIPPED_SUM_BLOCK_ROWS`)."""
+    return max(1, CLIPPED_SUM_BLOCK_ROWS // max(T, 1))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -191,12 +241,12 @@ def conv_weight_sq_norms(x: Tensor, g: Tensor, weight_shape: Sequence[int], stri
     B = x.shape[0]
     if route == "instantiate":
         per_example = math.prod(weight_shape)
-        parts = [conv_per_example_grads(x[sl], g[sl], weight_shape, stride, padding, dilation, groups)
-                 .flatten(1).pow(2).sum(1) for sl in batch_chunks(B, per_example)]
+        parts = [row_sq_norms(conv_per_example_grads(x[sl], g[sl], weight_shape, stride, padding, dilation, groups))
+                 for sl in batch_chunks(B, per_example)]
         return torch.cat(parts) if len(parts) != 1 else parts[0]
     if route == "ghost":
         a, gg = conv_patches_and_grads([x], [g], weight_shape[2:], stride, padding, dilation, groups)
-        return sq_norms_ghost(a, gg).view(B, groups).sum(1)
+        return sq_norms_ghost(a, gg, torch.float64).view(B, groups).sum(1).to(accum_dtype(x))
     raise ValueError(f"unknown per-sample norm route {route!r}; expected 'ghost' or 'instantiate'")
 
 
@@ -207,10 +257,30 @@ def conv_bias_per_example_grads(g: Tensor) -> Tensor:
 
 def conv_weight_clipped_sum(x: Tensor, g: Tensor, scale: Tensor, weight_shape: Sequence[int], stride, padding,
                             dilation, groups: int) -> Tensor:
-    """``Σ_i s_i ∂W_i``: the convolution weight-gradient of the per-example-scaled output gradient."""
+    """``Σ_i s_i ∂W_i``: the convolution weight-gradient of the per-example-scaled output gradient, one per
+    block of :func:`clipped_sum_examples_per_block` examples, the block results added in order."""
+    return conv_clipped_sum(x, g, scale, weight_shape, stride, padding, dilation, groups, with_bias=False)[0]
+
+
+def conv_clipped_sum(x: Tensor, g: Tensor, scale: Tensor, weight_shape: Sequence[int], stride, padding, dilation,
+                     groups: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``(Σ_i s_i ∂W_i, Σ_i s_i ∂b_i or None)`` of a convolution, blocked like the Linear clipped sum: blocks of
+    whole examples (:func:`clipped_sum_examples_per_block`), one convolution weight-gradient and one GEMV
+    over the per-example bias gradients per block, the block partials added in order."""
     n = len(weight_shape) - 2
     dt = accum_dtype(x)
+    B = x.shape[0]
     gs = g.to(dt) * scale.to(dt).view(-1, *([1] * (n + 1)))
-    w = torch.empty((), dtype=dt, device=x.device).expand(*weight_shape)  # shape only
-    return torch.ops.aten.convolution_backward(gs, x.to(dt), w, None, stride, padding, dilation, False,
-                                               [0] * n, groups, [False, True, False])[1]
+    xs = x.to(dt)
+    w_shape = torch.empty((), dtype=dt, device=x.device).expand(*weight_shape)  # shape only
+    w = torch.zeros(tuple(weight_shape), dtype=dt, device=x.device)
+    b = torch.zeros(weight_shape[0], dtype=dt, device=x.device) if with_bias else None
+    bias = conv_bias_per_example_grads(g) if with_bias else None
+    step = clipped_sum_examples_per_block(math.prod(g.shape[2:]))
+    for start in range(0, B, step):
+        blk = slice(start, start + step)
+        w += torch.ops.aten.convolution_backward(gs[blk], xs[blk], w_shape, None, stride, padding, dilation, False,
+                                                 [0] * n, groups, [False, True, False])[1]
+        if with_bias:
+            b += bias[blk].t().mv(scale[blk].to(dt))
+    return w, b

@@ -1,9 +1,10 @@
-"""Triton kernel for the per-example gradients of a normalization layer's affine part (DESIGN.md §2.3).
+"""Triton kernel for the per-example gradients of a normalization layer's affine part (docs/algorithms.md §3).
 
 For ``y = x̂ ⊙ w + b`` (LayerNorm, GroupNorm, InstanceNorm, RMSNorm) with x̂ and the output gradient g
 viewed as [B, T, C] (C the parameter elements, T everything else per example):
 ``∂w_i = Σ_t x̂_{i,t} ⊙ g_{i,t}``, ``∂b_i = Σ_t g_{i,t}`` and their squared norms, in one pass over x̂
-and g. Norms come out as per-program partial sums that the host adds (deterministic).
+and g. Gradients accumulate in fp32; the squared norms are reduced in fp64 (exact squares) into per-program
+partial sums that the host adds in fp64 (deterministic) and rounds to fp32 once.
 """
 from __future__ import annotations
 
@@ -40,10 +41,12 @@ def _affine_grads_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, w_sq_ptr, b_sq_ptr, T, C,
             db += tl.sum(g, 0)
     if HAS_WEIGHT:
         tl.store(dw_ptr + i * C + c, dw, mask=c_mask)
-        tl.store(w_sq_ptr + i * n_cb + cb, tl.sum(dw * dw, 0))
+        dw64 = dw.to(tl.float64)
+        tl.store(w_sq_ptr + i * n_cb + cb, tl.sum(dw64 * dw64, 0))
     if HAS_BIAS:
         tl.store(db_ptr + i * C + c, db, mask=c_mask)
-        tl.store(b_sq_ptr + i * n_cb + cb, tl.sum(db * db, 0))
+        db64 = db.to(tl.float64)
+        tl.store(b_sq_ptr + i * n_cb + cb, tl.sum(db64 * db64, 0))
 
 
 def affine_per_example_grads(xhat: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias: bool
@@ -57,10 +60,11 @@ def affine_per_example_grads(xhat: torch.Tensor, g: torch.Tensor, with_weight: b
     n_cb = cdiv(C, block_c)
     dev = g.device
     f32 = dict(dtype=torch.float32, device=dev)
+    f64 = dict(dtype=torch.float64, device=dev)
     dw = torch.empty(B, C, **f32) if with_weight else None
     db = torch.empty(B, C, **f32) if with_bias else None
-    w_sq = torch.empty(B, n_cb, **f32) if with_weight else None
-    b_sq = torch.empty(B, n_cb, **f32) if with_bias else None
+    w_sq = torch.empty(B, n_cb, **f64) if with_weight else None
+    b_sq = torch.empty(B, n_cb, **f64) if with_bias else None
     if B * C > 0:
         dummy = g
         _affine_grads_kernel[(B, n_cb)](
@@ -72,4 +76,5 @@ def affine_per_example_grads(xhat: torch.Tensor, g: torch.Tensor, with_weight: b
         for t in (dw, db, w_sq, b_sq):
             if t is not None:
                 t.zero_()
-    return dw, db, (w_sq.sum(1) if with_weight else None), (b_sq.sum(1) if with_bias else None)
+    return (dw, db, (w_sq.sum(1).to(torch.float32) if with_weight else None),
+            (b_sq.sum(1).to(torch.float32) if with_bias else None))

@@ -1,7 +1,8 @@
 """Triton kernels that add counter-based Gaussian noise: ``ξ[j] = tl.randn(seed, offset + j)``.
 
 * :func:`_sum_noise_scale_kernel`: ``out = (Σ_s src[s] + σ·ξ) · scale`` over flat tensors: the DP
-  optimizer's noise step (one source, in place) and the reduction of split clipped sums.
+  optimizer's noise step (one source, in place) and the reduction of split clipped sums. The sources are
+  added in fp64 and the sum rounded to fp32 once, before the noise (one source: exactly ``src + σ·ξ``).
 * :func:`_per_example_clipped_sum_kernel`: ``Σ_i c_i G_i + σ·ξ`` for small materialized per-example
   gradients ``G`` [B, K] (norm layers), written once.
 
@@ -25,9 +26,10 @@ def _sum_noise_scale_kernel(src_ptr, out_ptr, n, n_src, seed, offset, noise_std,
                             HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < n
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float64)
     for s in range(0, n_src):
-        acc += tl.load(src_ptr + s * n + idx, mask=mask, other=0.0).to(tl.float32)
+        total += tl.load(src_ptr + s * n + idx, mask=mask, other=0.0).to(tl.float64)
+    acc = total.to(tl.float32)
     if HAS_NOISE:
         acc += noise_std * tl.randn(seed, offset + idx)
     tl.store(out_ptr + idx, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)

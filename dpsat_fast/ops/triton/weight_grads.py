@@ -2,24 +2,29 @@
 
 Per example i and group k, ``a_i ∈ R^{T×D}`` is the layer input at T positions (for a convolution the
 patches of the input, read in place: implicit im2col with stride, padding, dilation and groups) and
-``g_i ∈ R^{T×P}`` the output gradient (DESIGN.md §2.3). Three kernels:
+``g_i ∈ R^{T×P}`` the output gradient (docs/algorithms.md §3). Three kernels:
 
 * :func:`_ghost_sq_norms_kernel`: ``‖G_i‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s)``, one ``[BLOCK_T, BLOCK_T]`` tile
   pair of both Gram matrices per program, built in registers and reduced at once (the pair (s, t) counts
-  twice, only s ≥ t is computed); the bias ``‖Σ_t g_t‖² = Σ_{t,s} g_t·g_s`` falls out of the same tiles.
+  twice, only s ≥ t is computed). The bias ``Σ_t g_t`` is summed directly (the diagonal programs store
+  the column sums of their ``g`` tile), not as ``Σ_{t,s} g_t·g_s``, which cancels like the weight does.
 * :func:`_instantiate_sq_norms_kernel`: one ``[BLOCK_P, BLOCK_D]`` tile of ``G_i`` per program,
   accumulated over T in registers and reduced to the sum of its squares.
 * :func:`_clipped_sum_kernel`: ``Σ_i c_i G_i`` as one reduction over the B·T rows with the per-example
   scale applied to ``g`` on the fly, plus ``σC·ξ`` from ``tl.randn(seed, offset + j)`` (j the row-major
-  index in the weight) in the epilogue; the bias ``Σ_i c_i Σ_t g_{i,t}`` from the same ``g`` tiles. Long
-  reductions are split over programs; the splits are then summed (and noised) by
-  :func:`dpsat_fast.ops.triton.noise._sum_noise_scale_kernel`, so every output is written once,
-  deterministically (no atomics).
+  index in the weight) in the epilogue; the bias ``Σ_i c_i Σ_t g_{i,t}`` from the same ``g`` tiles. The
+  rows are reduced in blocks of ``K0 =`` :data:`~dpsat_fast.ops.torch_impl.CLIPPED_SUM_BLOCK_ROWS`: a block
+  accumulator is added to the running one every K0 rows. Long reductions are split over programs; the
+  splits are then summed in fp64 (and noised) by :func:`dpsat_fast.ops.triton.noise._sum_noise_scale_kernel`,
+  so every output is written once, deterministically (no atomics).
 
-Squared norms go to per-program partial sums that the host adds up (deterministic). Accumulation is
-fp32; fp32 operands use ``dot_precision`` (exact or three-pass TF32), 16-bit operands multiply exactly
-into fp32, and the scaled gradient of a 16-bit layer is split into a high and a low 16-bit part so the
-per-example scale keeps ~16 bits more than one rounding would.
+Accumulation (:mod:`dpsat_fast.ops.error_bounds` derives its worst-case error from what follows): dots in
+fp32 (``tl.dot``); fp32 operands use ``dot_precision`` (exact in the interpreter, three-pass TF32 on
+GPUs), 16-bit operands multiply exactly into fp32, and the scaled gradient of a 16-bit layer is split into
+a high and a low 16-bit part so the per-example scale keeps ~16 bits more than one rounding would. Every
+sum of squares that makes a squared norm, and the ghost route's ``Σ_{t,s} Â_ts·Ĝ_ts``, is reduced in fp64
+(exact fp64 products of the fp32 tile values) into fp64 per-program partial sums that the host adds up in
+fp64 (deterministic) and rounds to fp32 once.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..torch_impl import CLIPPED_SUM_BLOCK_ROWS
 from ._common import cdiv, dot_precision, interpreter_on
 from .noise import sum_noise_scale
 
@@ -77,7 +83,7 @@ def _load_a(a_ptr, ib, t, d, k, row_mask, col_mask, s_ab, s_a1, s_a2, s_a3,
 @triton.jit
 def _ghost_sq_norms_kernel(
     a_ptr, g_ptr, w_part_ptr, b_part_ptr,
-    T, D, P, G, n_part,
+    T, D, P, G, n_part, n_tb_part,
     s_ab, s_a1, s_a2, s_a3, C_G, H, W, W_OUT, KH, KW, SH, SW, PH, PW, DH, DW,
     s_gb, s_gt, s_gp,
     IS_CONV: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
@@ -113,11 +119,15 @@ def _ghost_sq_norms_kernel(
                 g_t = _load_g(g_ptr, ib, t, p, k, P, t_mask, p_mask, s_gb, s_gt, s_gp)  # [BLOCK_T, BLOCK_P]
                 g_s = _load_g(g_ptr, ib, s, p, k, P, s_mask, p_mask, s_gb, s_gt, s_gp)  # [BLOCK_T, BLOCK_P]
                 gram_g = tl.dot(g_t, tl.trans(g_s), gram_g, input_precision=PREC)
+                if HAS_BIAS:
+                    # Σ_{t in tile} g_t, by the diagonal programs: [BLOCK_P] of the bias of example i, group k
+                    tl.store(b_part_ptr + (pid_bg * n_tb_part + tb) * P + p, tl.sum(g_t.to(tl.float32), 0),
+                             mask=p_mask & ((p * 0 + sb) == tb))
+            # exact fp64 products and an fp64 sum: the T² terms cancel where G_i is small
+            prod = gram_a.to(tl.float64) * gram_g.to(tl.float64)  # [BLOCK_T, BLOCK_T]
             # the tile pair (s, t) equals the transpose of (t, s): count off-diagonal pairs twice
-            weight = 1.0 + (sb > tb).to(tl.float32)
-            tl.store(w_part_ptr + pid_bg * n_part + pid_pair, tl.sum(tl.sum(gram_a * gram_g, 1), 0) * weight)
-            if HAS_BIAS:
-                tl.store(b_part_ptr + pid_bg * n_part + pid_pair, tl.sum(tl.sum(gram_g, 1), 0) * weight)
+            weight = 1.0 + (sb > tb).to(tl.float64)
+            tl.store(w_part_ptr + pid_bg * n_part + pid_pair, tl.sum(tl.sum(prod, 1), 0) * weight)
 
 
 @triton.jit
@@ -153,9 +163,11 @@ def _instantiate_sq_norms_kernel(
             acc = tl.dot(tl.trans(g), a, acc, input_precision=PREC)  # [BLOCK_P, BLOCK_D]
             if HAS_BIAS:
                 bias_acc += tl.sum(g.to(tl.float32), 0)
-        tl.store(w_part_ptr + pid_bg * n_part + pid_tile, tl.sum(tl.sum(acc * acc, 1), 0))
+        acc64 = acc.to(tl.float64)  # exact squares and an fp64 sum
+        tl.store(w_part_ptr + pid_bg * n_part + pid_tile, tl.sum(tl.sum(acc64 * acc64, 1), 0))
         if HAS_BIAS:
-            tl.store(b_part_ptr + pid_bg * n_part + pid_tile, tl.sum(bias_acc * bias_acc, 0), mask=td == 0)
+            bias64 = bias_acc.to(tl.float64)
+            tl.store(b_part_ptr + pid_bg * n_part + pid_tile, tl.sum(bias64 * bias64, 0), mask=td == 0)
 
 
 @triton.jit
@@ -166,7 +178,7 @@ def _clipped_sum_kernel(
     s_gb, s_gt, s_gp,
     seed, w_offset, b_offset, noise_std,
     IS_CONV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_SPLITS: tl.constexpr,
-    LOW_PRECISION: tl.constexpr, PREC: tl.constexpr,
+    LOW_PRECISION: tl.constexpr, PREC: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -185,24 +197,32 @@ def _clipped_sum_kernel(
         bias_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
         r_start = split * rows_per_split
         r_end = tl.minimum(r_start + rows_per_split, n_rows)
-        for r0 in range(r_start, r_end, BLOCK_T):
-            r = r0 + tl.arange(0, BLOCK_T).to(tl.int64)
-            r_mask = r < r_end
-            ib = r // T
-            t = r % T
-            c = tl.load(scale_ptr + ib, mask=r_mask, other=0.0)  # [BLOCK_T]
-            g = _load_g(g_ptr, ib, t, p, k, P, r_mask, p_mask, s_gb, s_gt, s_gp).to(tl.float32) * c[:, None]
-            a = _load_a(a_ptr, ib, t, d, k, r_mask, d_mask, s_ab, s_a1, s_a2, s_a3,
-                        C_G, H, W, W_OUT, KH, KW, SH, SW, PH, PW, DH, DW, IS_CONV)  # [BLOCK_T, BLOCK_D]
-            if LOW_PRECISION:
-                g_hi = g.to(a.dtype)
-                g_lo = (g - g_hi.to(tl.float32)).to(a.dtype)
-                acc = tl.dot(tl.trans(g_hi), a, acc)
-                acc = tl.dot(tl.trans(g_lo), a, acc)
-            else:
-                acc = tl.dot(tl.trans(g), a, acc, input_precision=PREC)  # [BLOCK_P, BLOCK_D]
+        # blocks of BLOCK_ROWS rows (a multiple of BLOCK_T): each summed apart, then added to the running sum
+        for b0 in range(r_start, r_end, BLOCK_ROWS):
+            b_end = tl.minimum(b0 + BLOCK_ROWS, r_end)
+            blk = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+            bias_blk = tl.zeros([BLOCK_P], dtype=tl.float32)
+            for r0 in range(b0, b_end, BLOCK_T):
+                r = r0 + tl.arange(0, BLOCK_T).to(tl.int64)
+                r_mask = r < b_end
+                ib = r // T
+                t = r % T
+                c = tl.load(scale_ptr + ib, mask=r_mask, other=0.0)  # [BLOCK_T]
+                g = _load_g(g_ptr, ib, t, p, k, P, r_mask, p_mask, s_gb, s_gt, s_gp).to(tl.float32) * c[:, None]
+                a = _load_a(a_ptr, ib, t, d, k, r_mask, d_mask, s_ab, s_a1, s_a2, s_a3,
+                            C_G, H, W, W_OUT, KH, KW, SH, SW, PH, PW, DH, DW, IS_CONV)  # [BLOCK_T, BLOCK_D]
+                if LOW_PRECISION:
+                    g_hi = g.to(a.dtype)
+                    g_lo = (g - g_hi.to(tl.float32)).to(a.dtype)
+                    blk = tl.dot(tl.trans(g_hi), a, blk)
+                    blk = tl.dot(tl.trans(g_lo), a, blk)
+                else:
+                    blk = tl.dot(tl.trans(g), a, blk, input_precision=PREC)  # [BLOCK_P, BLOCK_D]
+                if HAS_BIAS:
+                    bias_blk += tl.sum(g, 0)
+            acc += blk
             if HAS_BIAS:
-                bias_acc += tl.sum(g, 0)
+                bias_acc += bias_blk
         row = k * P + p  # [BLOCK_P] rows of the weight [G·P, D]
         idx = row[:, None] * D + d[None, :]  # [BLOCK_P, BLOCK_D] row-major index in the weight
         mask = p_mask[:, None] & d_mask[None, :]
@@ -230,6 +250,8 @@ _INTERPRETER_BLOCKS = dict(BLOCK_T=16, BLOCK_D=16, BLOCK_P=16)
 # bound the number of partial sums (the partial buffers are sized for them).
 _GPU_CONFIGS = [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 8, 3), (64, 32, 32, 4, 2)]
 _MIN_BLOCKS = (16, 16, 16) if interpreter_on() else tuple(min(c[i] for c in _GPU_CONFIGS) for i in range(3))
+# a clipped-sum block is made of whole row tiles
+assert all(CLIPPED_SUM_BLOCK_ROWS % c[0] == 0 for c in _GPU_CONFIGS + [(_INTERPRETER_BLOCKS["BLOCK_T"],)])
 
 
 def _configs():
@@ -317,28 +339,41 @@ def weight_sq_norms(a: torch.Tensor, g: torch.Tensor, route: str, with_bias: boo
     """Per-example ``‖G_i‖²`` (summed over groups) and, with ``with_bias``, ``‖Σ_t g_{i,t}‖²``: fp32 [B].
 
     Linear: a [B, T, D], g [B, T, P]. Conv (``conv`` given): a = input [B, C, (H,) W], g = output
-    gradient [B, C_out, (H_out,) W_out]."""
+    gradient [B, C_out, (H_out,) W_out]. The per-program partial sums are fp64 and added in fp64."""
     ops = _Operands(a, g, conv)
     B, G, T, D, P = ops.B, ops.G, ops.T, ops.D, ops.P
     bt, bd, bp = _MIN_BLOCKS
+    n_tb = cdiv(T, bt)
     if route == "ghost":
-        n_part, kernel = cdiv(T, bt) ** 2, _ghost
+        n_part, kernel = n_tb ** 2, _ghost
     elif route == "instantiate":
         n_part, kernel = cdiv(P, bp) * cdiv(D, bd), _instantiate
     else:
         raise ValueError(f"unknown per-sample norm route {route!r}; expected 'ghost' or 'instantiate'")
     dev = ops.a.device
-    w_part = torch.zeros(B * G, n_part, dtype=torch.float32, device=dev)
-    b_part = torch.zeros(B * G, n_part, dtype=torch.float32, device=dev) if with_bias else w_part
+    w_part = torch.zeros(B * G, n_part, dtype=torch.float64, device=dev)
+    if not with_bias:
+        b_part = w_part
+    elif route == "ghost":  # per row tile: Σ_{t in tile} g_t, [B·G, n_tb, P]
+        b_part = torch.zeros(B * G, n_tb, P, dtype=torch.float32, device=dev)
+    else:
+        b_part = torch.zeros(B * G, n_part, dtype=torch.float64, device=dev)
     if B * G > 0 and T > 0:
         if route == "ghost":
             grid = lambda meta: (B * G, cdiv(T, meta["BLOCK_T"]) ** 2)  # noqa: E731
+            kernel[grid](ops.a, ops.g, w_part, b_part, T, D, P, G, n_part, n_tb, *ops.args(),
+                         IS_CONV=ops.is_conv, HAS_BIAS=with_bias, PREC=ops.prec)
         else:
             grid = lambda meta: (B * G, cdiv(P, meta["BLOCK_P"]) * cdiv(D, meta["BLOCK_D"]))  # noqa: E731
-        kernel[grid](ops.a, ops.g, w_part, b_part, T, D, P, G, n_part, *ops.args(),
-                     IS_CONV=ops.is_conv, HAS_BIAS=with_bias, PREC=ops.prec)
-    w_sq = w_part.view(B, G * n_part).sum(1)
-    return w_sq, (b_part.view(B, G * n_part).sum(1) if with_bias else None)
+            kernel[grid](ops.a, ops.g, w_part, b_part, T, D, P, G, n_part, *ops.args(),
+                         IS_CONV=ops.is_conv, HAS_BIAS=with_bias, PREC=ops.prec)
+    w_sq = w_part.view(B, G * n_part).sum(1).to(torch.float32)
+    if not with_bias:
+        return w_sq, None
+    if route == "ghost":
+        bias = b_part.view(B, G, n_tb, P).sum(2, dtype=torch.float64)  # [B, G, P]
+        return w_sq, bias.square_().view(B, G * P).sum(1).to(torch.float32)
+    return w_sq, b_part.view(B, G * n_part).sum(1).to(torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -348,7 +383,8 @@ def _multiprocessors(index: int) -> int:
 
 def _splits(n_tiles: int, n_rows: int, device: torch.device) -> int:
     """Split the B·T reduction so that the GPU has enough programs (about 4 per SM), never below 256 rows
-    per split; one split in the interpreter unless the reduction is long."""
+    per split; one split in the interpreter unless the reduction is long. At most ``max(1, n_rows // 256)``
+    splits, whose results :func:`sum_noise_scale` adds in fp64."""
     if device.type != "cuda":
         return max(1, min(4, n_rows // 512))
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
@@ -384,7 +420,7 @@ def clipped_sum_with_noise(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor
         _clipped[grid](ops.a, ops.g, scale, w_target, b_target, T, D, P, G, n_rows, rows_per_split, *ops.args(),
                        seed, weight_offset, bias_offset, float(noise_std),
                        IS_CONV=ops.is_conv, HAS_BIAS=with_bias, HAS_NOISE=has_noise, WRITE_SPLITS=n_split > 1,
-                       LOW_PRECISION=ops.dtype != torch.float32, PREC=ops.prec)
+                       LOW_PRECISION=ops.dtype != torch.float32, PREC=ops.prec, BLOCK_ROWS=CLIPPED_SUM_BLOCK_ROWS)
     if n_split > 1:
         sum_noise_scale(w_target.view(n_split, -1), weight.view(-1), seed, weight_offset, noise_std, 1.0)
         if with_bias:
