@@ -1,9 +1,12 @@
-"""Tests for dpsat_fast.data (TESTING.md items 7 and 8).
+"""Tests for dpsat_fast.data.
 
-The statistical tests use fixed seeds (so they are deterministic) and
-thresholds from the theory (|z| < 5, Bonferroni-corrected maxima, chi-square
-p-values away from both tails) so that they also pass for other seeds, while a
-fixed-size, correlated or rate-mis-scaled sampler fails them.
+The statistical tests run on both sampling modes: the default secure one (OS
+CSPRNG, different draws on every run) and the insecure seeded one (fixed seed,
+deterministic). Thresholds come from the theory (|z| < 5, Bonferroni-corrected
+maxima, chi-square p-values away from both tails), so they pass for any draw
+but a rare ~1e-6 fluke, while a fixed-size, correlated or rate-mis-scaled
+sampler fails them. The exact-rate and secrecy properties are tested in
+test_sampling.py.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from scipy import stats
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dpsat_fast.data import (
+    InsecureSamplingWarning,
     PoissonBatchSampler,
     PoissonDataLoader,
     is_poisson_loader,
@@ -31,11 +35,15 @@ from dpsat_fast.data import (
 N, Q, T = 100, 0.1, 5000
 
 
-@pytest.fixture(scope="module")
-def inclusion_matrix() -> np.ndarray:
-    """X[t, i] = 1 iff index i is in batch t, for T batches of the sampler."""
-    g = torch.Generator().manual_seed(2024)
-    sampler = PoissonBatchSampler(N, Q, steps=T, generator=g)
+@pytest.fixture(scope="module", params=["secure", "seeded"])
+def inclusion_matrix(request) -> np.ndarray:
+    """X[t, i] = 1 iff index i is in batch t, for T batches of the sampler (secure or seeded mode)."""
+    if request.param == "secure":
+        sampler = PoissonBatchSampler(N, Q, steps=T)
+        assert sampler.secure
+    else:
+        with pytest.warns(InsecureSamplingWarning):
+            sampler = PoissonBatchSampler(N, Q, steps=T, generator=torch.Generator().manual_seed(2024))
     x = np.zeros((T, N), dtype=np.int64)
     n_batches = 0
     for t, batch in enumerate(sampler):
@@ -110,9 +118,8 @@ def test_inclusions_independent_across_steps(inclusion_matrix):
 
 @pytest.mark.parametrize("q", [0.3, 1.0])
 def test_other_rates(q):
-    g = torch.Generator().manual_seed(7)
     n, steps = 50, 2000
-    sizes = np.array([len(b) for b in PoissonBatchSampler(n, q, steps=steps, generator=g)], dtype=np.float64)
+    sizes = np.array([len(b) for b in PoissonBatchSampler(n, q, steps=steps)], dtype=np.float64)
     if q == 1.0:
         assert (sizes == n).all()
     else:
@@ -128,6 +135,17 @@ def test_default_steps_and_expected_batch_size():
     assert len(PoissonBatchSampler(10, 0.4)) == 2  # round(2.5) == 2
 
 
+def test_empty_batches_are_yielded_as_empty_lists():
+    n, q, steps = 20, 0.01, 200
+    batches = list(PoissonBatchSampler(n, q, steps=steps))
+    assert len(batches) == steps and all(isinstance(b, list) for b in batches)
+    n_empty = sum(b == [] for b in batches)
+    p_empty = (1 - q) ** n  # ≈ 0.82
+    z = (n_empty - steps * p_empty) / math.sqrt(steps * p_empty * (1 - p_empty))
+    assert abs(z) < 5, (n_empty, z)
+
+
+@pytest.mark.filterwarnings("ignore::dpsat_fast.data.InsecureSamplingWarning")
 def test_reproducible_with_seeded_generator():
     def draw(seed):
         g = torch.Generator().manual_seed(seed)
@@ -167,9 +185,7 @@ def _tensor_dataset(n=20):
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_empty_batches_tensor_dataset(num_workers):
     ds = _tensor_dataset()
-    loader = PoissonDataLoader(
-        ds, sample_rate=0.01, steps=40, generator=torch.Generator().manual_seed(0), num_workers=num_workers
-    )
+    loader = PoissonDataLoader(ds, sample_rate=0.01, steps=40, num_workers=num_workers)
     n_empty = 0
     for x, y, m in loader:
         assert x.shape[1:] == (3, 4) and x.dtype == torch.float32
@@ -180,12 +196,12 @@ def test_empty_batches_tensor_dataset(num_workers):
             n_empty += 1
         else:  # the collated rows are exactly the sampled indices
             assert torch.equal(x, ds.tensors[0][y])
-    # P(empty) = 0.99^20 ≈ 0.82: empties are the common case here.
+    # P(empty) = 0.99^20 ≈ 0.82: empties are the common case here (≥ 20 of 40 fails with P < 1e-7).
     assert n_empty >= 20
 
 
 def test_empty_batches_dict_dataset_with_python_numbers():
-    loader = PoissonDataLoader(DictDataset(), sample_rate=0.01, steps=30, generator=torch.Generator().manual_seed(1))
+    loader = PoissonDataLoader(DictDataset(), sample_rate=0.01, steps=100)  # no full batch: 0.82^100
     full = next(iter(DataLoader(DictDataset(), batch_size=2)))
     seen_empty = seen_full = False
     for batch in loader:
@@ -206,7 +222,7 @@ def test_empty_batch_with_custom_collate():
         return {"inputs": torch.stack(xs), "targets": torch.tensor(ys)}
 
     ds = [(torch.ones(5), 1) for _ in range(10)]
-    loader = PoissonDataLoader(ds, sample_rate=0.001, steps=3, collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    loader = PoissonDataLoader(ds, sample_rate=0.001, steps=3, collate_fn=collate)
     for batch in loader:
         assert batch["inputs"].shape[1:] == (5,) and batch["targets"].dtype == torch.int64
 
@@ -229,7 +245,7 @@ def test_from_data_loader():
     ds = _tensor_dataset(100)
     plain = DataLoader(ds, batch_size=16, shuffle=True, drop_last=True)
     assert not is_poisson_loader(plain)
-    loader = PoissonDataLoader.from_data_loader(plain, generator=torch.Generator().manual_seed(0))
+    loader = PoissonDataLoader.from_data_loader(plain)
     assert is_poisson_loader(loader)
     assert loader.sample_rate == pytest.approx(0.16)  # batch_size / N, not 1 / len(plain)
     assert len(loader) == len(plain) == 6
@@ -334,7 +350,7 @@ def test_split_empty_batch_yields_one_empty_chunk():
 
 def test_split_loader_batches_round_trip():
     ds = _tensor_dataset(60)
-    loader = PoissonDataLoader(ds, sample_rate=0.3, steps=20, generator=torch.Generator().manual_seed(3))
+    loader = PoissonDataLoader(ds, sample_rate=0.3, steps=20)
     for batch in loader:
         chunks = list(split_micro_batches(batch, 4))
         assert len(chunks) == max(1, math.ceil(batch[0].shape[0] / 4))
