@@ -452,19 +452,29 @@ def run_job(model_name: str, batch_size: int, provider_name: str, device: str, w
     return row
 
 
-def _run_job_in_subprocess(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run ``run_job`` in a fresh interpreter so peak RSS belongs to this job alone."""
+BASELINE_SUFFIX = "@baseline"
+
+
+def _run_job_in_subprocess(job: dict[str, Any], timeout_s: float, baseline: Path | None = None) -> dict[str, Any]:
+    """Run ``run_job`` in a fresh interpreter so peak RSS belongs to this job alone. A provider named
+    ``<name>@baseline`` runs ``<name>`` with the ``dpsat_fast`` of the source tree ``baseline`` (e.g. a
+    checkout of an earlier commit with its extension built in place) first on ``PYTHONPATH``."""
+    env = None
+    name = job["provider_name"]
+    if name.endswith(BASELINE_SUFFIX):
+        job = {**job, "provider_name": name[:-len(BASELINE_SUFFIX)]}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(baseline), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     base = {"model": job["model_name"], "batch_size": job["batch_size"],
-            "provider": job["provider_name"], "ms_per_step": None, "examples_per_s": None,
+            "provider": name, "ms_per_step": None, "examples_per_s": None,
             "peak_mb": None, "times_ms": []}
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {**base, "status": "error", "error": f"timed out after {timeout_s:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)
+            return {**json.loads(line), "provider": name}
     tail = (proc.stderr or proc.stdout)[-1500:]
     return {**base, "status": "error", "error": f"worker exited with {proc.returncode}: {tail}"}
 
@@ -639,6 +649,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per subprocess job")
     parser.add_argument("--noise-multiplier", type=float, default=1.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a source tree of an earlier dpsat_fast (extension built in place): every dpsat_fast "
+                             "provider also runs from it, as <provider>@baseline, interleaved in the same run")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every provider this many times, interleaved; report the median round")
     parser.add_argument("--rho", type=float, default=0.05, help="DP-SAT radius of dpsat_fast_sat")
@@ -691,6 +704,16 @@ def _main_verify(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def _describe_tree(path: Path) -> dict[str, Any]:
+    """The baseline source tree: its path and git commit (if it is a checkout)."""
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"path": str(path), "commit": commit}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"metadata": ..., "rows": [...]}`` (also written to ``--out``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -711,18 +734,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             if args.device == "cpu" else
                             "torch.cuda.max_memory_allocated minus allocation after model+data"))
     metadata.update(rounds=args.rounds)
+    providers = list(args.providers)
+    if args.baseline is not None:
+        if args.isolation != "subprocess":
+            raise SystemExit("--baseline needs --isolation subprocess")
+        providers += [p + BASELINE_SUFFIX for p in args.providers if p.startswith("dpsat_fast")]
+        metadata.update(baseline=_describe_tree(args.baseline))
     rows = []
     for model_name in args.models:
         for batch_size in args.batch_sizes:
-            per_provider: dict[str, list] = {name: [] for name in args.providers}
-            for _round, provider_name in [(r, p) for r in range(args.rounds) for p in args.providers]:
+            per_provider: dict[str, list] = {name: [] for name in providers}
+            for _round, provider_name in [(r, p) for r in range(args.rounds) for p in providers]:
                 job = {"model_name": model_name, "batch_size": batch_size,
                        "provider_name": provider_name, "device": args.device,
                        "warmup": args.warmup, "iters": args.iters, "cuda_timer": args.cuda_timer}
                 if args.isolation == "subprocess":
                     row = _run_job_in_subprocess(
                         {**job, "cfg": dataclasses.asdict(cfg), "threads": args.threads},
-                        args.job_timeout)
+                        args.job_timeout, args.baseline)
                 else:
                     row = run_job(**job, cfg=cfg, measure_cpu_memory=False)
                 if row["status"] == "skipped":
@@ -736,7 +765,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     print(f"{model_name} b={batch_size} {provider_name}: "
                           f"{row['ms_per_step']:.1f} ms/step, peak {peak} MB", flush=True)
                 per_provider[provider_name].append(row)
-            rows.extend(merge_rounds(per_provider[name]) for name in args.providers)
+            rows.extend(merge_rounds(per_provider[name]) for name in providers)
     add_ratios(rows)
     print(format_table(rows))
     result = {"metadata": metadata, "rows": rows}

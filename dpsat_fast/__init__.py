@@ -12,8 +12,8 @@ from .data import PoissonDataLoader, split_micro_batches
 from .engine import BookKeepingEngine
 from .optim import DPOptimizer
 from .privacy_engine import PrivacyEngine
-from .validation import PrivacyConfigError, fix_model, validate_model
+from .validation import PrivacyConfigError, fix_model, freeze_batchnorm, validate_model
 
 __all__ = ["PrivacyEngine", "BookKeepingEngine", "DPOptimizer", "PoissonDataLoader", "PrivacyAccountant",
            "calibrate_noise_multiplier", "compute_epsilon", "split_micro_batches", "fix_model",
-           "validate_model", "PrivacyConfigError"]
+           "validate_model", "PrivacyConfigError", "freeze_batchnorm"]

@@ -1,4 +1,4 @@
-"""Clip factors: how per-example squared norms become per-example scales (DESIGN.md §2.1).
+"""Clip factors: how per-example squared norms become per-example scales (docs/algorithms.md §1).
 
 A style maps ``{parameter key: [B] squared norms}`` to ``{parameter key: [B] scales}``; the clipped sum of a
 parameter is ``Σ_i scale_i G_i``. Every style bounds each example's total contribution by

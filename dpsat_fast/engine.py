@@ -1,4 +1,4 @@
-"""Book-keeping engine: per-example clipping with one backward pass (DESIGN.md §2.4).
+"""Book-keeping engine: per-example clipping with one backward pass (docs/algorithms.md §4).
 
 Attaching the engine swaps the forward of every module with trainable parameters for its layer rule's
 custom autograd function. During ``loss.backward()`` autograd computes only input gradients; each rule
@@ -35,7 +35,7 @@ from .layers.base import NoiseRequest
 from .layers.base import sum_over_uses
 from .ops.torch_impl import accum_dtype
 from .layers.base import materialized_sq_norms
-from .validation import PrivacyConfigError, validate_model
+from .validation import PrivacyConfigError, install_forward_guards, validate_model
 
 
 @dataclass
@@ -140,6 +140,7 @@ class BookKeepingEngine:
                 "detach the first engine (engine.detach(), or privacy_engine.detach()) or make a fresh model private")
         self.clipping = make_clipping(clipping, max_grad_norm)
         validate_model(module)
+        self._forward_guards = None
         self.module = module
         self.loss_reduction = loss_reduction
         self.records: List[ModuleRecord] = []
@@ -157,6 +158,10 @@ class BookKeepingEngine:
         self._pending_noised: Dict[nn.Parameter, Tuple[int, int, float]] = {}
         self._eager_sq: Dict[str, Tensor] = {}
         self._eager_batch: Optional[int] = None
+        # DP-SAT: the perturbation ε of every trainable parameter for this step's forwards, and w + ε per
+        # parameter (computed at the first forward that needs it, recomputed if the weights change)
+        self.perturbation: Optional[Dict[nn.Parameter, Tensor]] = None
+        self._perturbed: Dict[nn.Parameter, Tuple[tuple, Tensor]] = {}
         # what the completed backward passes of the current step used: sensitivity and number of examples
         self._step_sensitivity: Optional[float] = None
         self._step_examples = 0
@@ -170,6 +175,7 @@ class BookKeepingEngine:
             if not trainable:
                 continue
             rec = ModuleRecord(name, m, get_rule(m), [pn for pn, _ in trainable], self._on_record, self._accept)
+            rec.effective = self.effective
             self.records.append(rec)
             for pn, p in trainable:
                 owners[id(p)].append((rec, pn))
@@ -197,6 +203,9 @@ class BookKeepingEngine:
             acc = p.view_as(p).grad_fn.next_functions[0][0]
             self._grad_accumulators[p] = acc
             self._hook_handles.append(acc.register_prehook(self._autograd_touched(p)))
+        # layers that would couple examples or write private statistics if their mode changed later are
+        # pinned (frozen BatchNorm stays in eval) and refused at their forward
+        self._forward_guards = install_forward_guards(module)
 
     # -- attaching -----------------------------------------------------------------------------
     def _patch(self, rec: ModuleRecord) -> None:
@@ -233,8 +242,39 @@ class BookKeepingEngine:
             self._patched_zero_grad = None
         for h in self._hook_handles:
             h.remove()
+        if self._forward_guards is not None:
+            self._forward_guards.remove()
+            self._forward_guards = None
         self._patched, self._hook_handles, self._grad_accumulators = [], [], {}
         self.clear()
+
+    # -- DP-SAT: a perturbation applied in the forwards, never to the parameters -------------------
+    def set_perturbation(self, perturbation: Optional[Dict[nn.Parameter, Tensor]]) -> None:
+        """Make every forward with gradients compute with ``w + ε[w]`` (``None``: with ``w``). The parameters
+        are never written: ``state_dict``, evaluation (no_grad forwards) and checkpoints see ``w``; every
+        recorded forward, whatever the module's mode or which sub-module is called, sees ``w + ε``, and the
+        input gradients are those of ``w + ε``."""
+        if perturbation is not None:
+            unknown = [p for p in perturbation if p not in self.param_keys]
+            if unknown:
+                raise ValueError("set_perturbation: the perturbation names parameters the engine does not hook")
+        self.perturbation = perturbation
+        self._perturbed = {}
+
+    def effective(self, p: Optional[Tensor]) -> Optional[Tensor]:
+        """What a hooked module computes with for parameter ``p``: ``p`` itself, or ``p + ε`` (no autograd
+        history; cached while ``p`` is unchanged: same version counter, dtype and device)."""
+        eps = self.perturbation.get(p) if self.perturbation is not None and p is not None else None
+        if eps is None:
+            return p
+        key = (p._version, p.dtype, p.device, p.data_ptr())
+        cached = self._perturbed.get(p)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            w = p.detach() + eps.to(device=p.device, dtype=p.dtype)
+        self._perturbed[p] = (key, w)
+        return w
 
     # -- the gate of every recorded use ----------------------------------------------------------
     def _before_forward(self, record: ModuleRecord) -> None:
@@ -454,6 +494,7 @@ class BookKeepingEngine:
                 s = torch.zeros(p.shape, dtype=accum_dtype(p), device=p.device)
             out[p] = (s, self._noised.pop(p, None))
         self.clear()
+        self._perturbed = {}  # the weights are about to change
         return out
 
     def take_summed_grad(self, p: nn.Parameter) -> Tuple[Tensor, Optional[Tuple[int, int, float]]]:

@@ -31,7 +31,12 @@ from .validation import PrivacyConfigError, check_delta
 class PrivacyEngine:
     """Holds the accountant of one private training run."""
 
-    def __init__(self, accountant: str = "pld"):
+    def __init__(self, accountant: str = "pld", secure_mode: bool = True):
+        # Opacus' secure_mode=True (CSPRNG sampling, secret noise) is how this library always works;
+        # secure_mode=False does not weaken it (reproducible runs: make_private(seed=...), insecure)
+        if not isinstance(secure_mode, bool):
+            raise PrivacyConfigError(f"secure_mode must be a bool, got {secure_mode!r}")
+        self.secure_mode = True
         self.accountant = PrivacyAccountant(accountant)
         self.engine: Optional[BookKeepingEngine] = None
         self.optimizer: Optional[DPOptimizer] = None
@@ -87,19 +92,53 @@ class PrivacyEngine:
             self.optimizer = DPSAT(optimizer, rho=sam_rho, direction=sam_direction, **common)
         else:
             self.optimizer = DPOptimizer(optimizer, **common)
+        if hasattr(loader, "examples_yielded"):
+            self.optimizer.watch_batches(loader)
         self.data_loader = loader
         return module, self.optimizer, loader
 
-    def save_checkpoint(self, path, **extra) -> None:
-        """Save everything the run needs to resume (see :func:`dpsat_fast.checkpoint.save_checkpoint`)."""
-        save_checkpoint(path, model=self.engine.module, optimizer=self.optimizer, accountant=self.accountant,
-                        data_loader=self.data_loader, **extra)
+    def save_checkpoint(self, path=None, *, module: Optional[nn.Module] = None, optimizer=None,
+                        checkpoint_dict: Optional[dict] = None, **extra) -> None:
+        """Save everything the run needs to resume, atomically, and nothing secret (see
+        :func:`dpsat_fast.checkpoint.save_checkpoint`). Opacus' keywords work: ``save_checkpoint(path=...,
+        module=model, optimizer=optimizer, checkpoint_dict={...})``; ``module``/``optimizer`` must be the ones
+        :meth:`make_private` returned (default: those)."""
+        module, optimizer = self._own(module, optimizer)
+        save_checkpoint(_path(path, extra), model=module, optimizer=optimizer, accountant=self.accountant,
+                        checkpoint_dict=checkpoint_dict, **extra)
 
-    def load_checkpoint(self, path) -> dict:
-        """Restore a run saved by :meth:`save_checkpoint` into this engine's model, optimizer and loader."""
-        return load_checkpoint(path, model=self.engine.module, optimizer=self.optimizer, accountant=self.accountant,
-                               data_loader=self.data_loader)
+    def load_checkpoint(self, path=None, *, module: Optional[nn.Module] = None, optimizer=None, **kwargs) -> dict:
+        """Restore a run saved by :meth:`save_checkpoint` into this run's model, optimizer and ledger (validated
+        first: a refused checkpoint changes nothing); returns the extra entries."""
+        module, optimizer = self._own(module, optimizer)
+        return load_checkpoint(_path(path, kwargs), model=module, optimizer=optimizer, accountant=self.accountant)
+
+    def _own(self, module, optimizer):
+        if self.engine is None:
+            raise PrivacyConfigError("make_private first: the checkpoint belongs to a private run")
+        if module is not None and module is not self.engine.module:
+            raise PrivacyConfigError("save/load_checkpoint: module is not the model this PrivacyEngine made private")
+        if optimizer is not None and optimizer is not self.optimizer:
+            raise PrivacyConfigError("save/load_checkpoint: optimizer is not the one make_private returned")
+        return self.engine.module, self.optimizer
+
+    def detach(self) -> None:
+        """Undo make_private on the model (its own forwards back, no hooks); the optimizer and loader of this
+        engine must not be used afterwards."""
+        if self.engine is not None:
+            if hasattr(self.optimizer, "detach"):
+                self.optimizer.detach()
+            self.engine.detach()
 
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at δ."""
         return self.accountant.get_epsilon(delta)
+
+
+def _path(path, kwargs: dict):
+    """``path`` positionally or as ``path=`` (Opacus), never both; Opacus' torch (load/save) kwargs dropped."""
+    for key in ("torch_save_kwargs", "torch_load_kwargs", "module_state_dict_kwargs", "module_load_dict_kwargs"):
+        kwargs.pop(key, None)
+    if path is None:
+        raise PrivacyConfigError("save/load_checkpoint needs a path")
+    return path

@@ -123,7 +123,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--classes", default=None,
                    help="train and test on these digit classes only, e.g. 5,6,7,8,9 (the private half of a "
                         "public/private class split)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data split, init, sampling and noise")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the data split and the model's initialization (public choices); the noise key and "
+                        "the Poisson sampling always come from the OS unless --insecure-noise-seed is given")
+    p.add_argument("--insecure-noise-seed", type=int, default=None,
+                   help="INSECURE, NOT PRIVATE: fix the noise key and the Poisson sampling to this seed so that a run "
+                        "can be reproduced exactly (experiments only: anyone who knows the seed can remove the noise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.noise_multiplier is not None:
@@ -151,8 +156,12 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     base = (torch.optim.SGD(params, lr=args.lr, momentum=args.momentum) if args.optimizer == "sgd"
             else torch.optim.Adam(params, lr=args.lr))
+    insecure = args.insecure_noise_seed
+    if insecure is not None:
+        print(f"WARNING: --insecure-noise-seed {insecure}: the noise and the sampled batches are reproducible from "
+              f"this seed; this run is NOT differentially private (experiments only)")
     loader = PoissonDataLoader(train_set, sample_rate=sample_rate, steps=steps_per_epoch,
-                               generator=torch.Generator().manual_seed(args.seed + 1))
+                               insecure_seed=None if insecure is None else insecure + 1)
     if args.noise_multiplier is None:
         budget = dict(target_epsilon=args.target_epsilon, target_delta=args.delta, epochs=args.epochs)
     else:
@@ -162,7 +171,7 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
     model, optimizer, loader = privacy_engine.make_private(
         module=model, optimizer=base, data_loader=loader, max_grad_norm=args.max_grad_norm, loss_reduction="sum",
         clipping=args.clipping, sparsity=sparsity,
-        seed=args.seed, sam_rho=0.0 if args.method == "dpsgd" else args.rho,
+        seed=insecure, sam_rho=0.0 if args.method == "dpsgd" else args.rho,
         sam_method="dpsam" if args.method == "dpsam" else "dpsat", **budget)
     engine, accountant, sigma = privacy_engine.engine, privacy_engine.accountant, optimizer.noise_multiplier
     print(f"{METHOD_NAMES[args.method]} on digits: N={n}, q={sample_rate:.4f}, steps={total_steps}, σ={sigma:.4f}, "

@@ -63,10 +63,29 @@ def _out_dtype(y):
     return (y[0] if isinstance(y, tuple) else y).dtype
 
 
-def reference_clipped_sums(grads: Dict[str, Tensor], max_grad_norm: float) -> Dict[str, Tensor]:
-    total = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+def reference_clipped_sums(grads: Dict[str, Tensor], max_grad_norm: float,
+                            sq_norms: Dict[str, Tensor] | None = None) -> Dict[str, Tensor]:
+    """Σ_i c_i G_i with flat clip factors from the exact norms of ``grads``, or from ``sq_norms`` (e.g. the
+    engine's certified norms, to check the sum for the clip factors it used)."""
+    norms = sq_norms if sq_norms is not None else {n: g.flatten(1).pow(2).sum(1) for n, g in grads.items()}
+    total = torch.stack([v.double() for v in norms.values()]).sum(0).sqrt()
     c = (max_grad_norm / (total + 1e-6)).clamp(max=1.0)
     return {n: torch.tensordot(c, g, dims=1) for n, g in grads.items()}
+
+
+def assert_certified_norms(sq: Dict[str, Tensor], ref: Dict[str, Tensor], dtype: torch.dtype) -> None:
+    """The engine's clipping norms are certified upper bounds of the exact per-example norms: never below
+    them (beyond the dtype's tolerance, since the reference runs a float64 copy of the model) and above them
+    by no more than the rounding certificate (``CERTIFIED_NORM_SLACK``)."""
+    from conftest import CERTIFIED_NORM_SLACK, DTYPE_TOLERANCES
+
+    rtol, atol = DTYPE_TOLERANCES[dtype]
+    for n, g in ref.items():
+        exact = g.flatten(1).pow(2).sum(1)
+        got = sq[n].double()
+        assert bool((got >= exact * (1 - rtol) - atol).all()), f"{n}: certified norm below the exact one: {got} < {exact}"
+        assert bool((got <= exact * (1 + rtol + CERTIFIED_NORM_SLACK[dtype]) + atol).all()), \
+            f"{n}: certified norm too loose: {got} vs exact {exact}"
 
 
 def assert_matches_reference(model: nn.Module, inputs: Sequence[Tensor], dtype: torch.dtype,
@@ -84,10 +103,8 @@ def assert_matches_reference(model: nn.Module, inputs: Sequence[Tensor], dtype: 
     ref = per_example_grads(model, inputs, loss_weights, batch_dims)
     sq, sums = engine_results(model, inputs, loss_weights, max_grad_norm, batch_dims, **engine_kwargs)
     assert set(sq) == set(ref), (sorted(sq), sorted(ref))
-    for n, g in ref.items():
-        torch.testing.assert_close(sq[n].double(), g.flatten(1).pow(2).sum(1), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"squared norms of {n}: {m}")
-    ref_sums = reference_clipped_sums(ref, max_grad_norm)
+    assert_certified_norms(sq, ref, dtype)
+    ref_sums = reference_clipped_sums(ref, max_grad_norm, sq)
     for n, s in ref_sums.items():
         torch.testing.assert_close(sums[n].double(), s, rtol=rtol, atol=atol,
                                    msg=lambda m: f"clipped sum of {n}: {m}")

@@ -1,4 +1,4 @@
-"""Tests for dpsat_fast.accounting (TESTING.md items 6 and 8).
+"""Tests for dpsat_fast.accounting.
 
 ε values are checked against dp-accounting's published reference and against
 direct dp_accounting calls; the adapter's own logic (event construction,
@@ -214,7 +214,7 @@ def test_calibration_bad_args_raise(kwargs, name):
 
 
 # ---------------------------------------------------------------------------
-# Input validation (TESTING.md item 8)
+# Input validation
 # ---------------------------------------------------------------------------
 
 BAD_SIGMAS = [0.0, -1.0, float("nan"), float("inf"), -float("inf"), True, "1.0", None]

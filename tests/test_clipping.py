@@ -1,5 +1,5 @@
 """Clipping styles (issue 6): flat, automatic, per-layer and group-wise, each against a float64 per-example
-reference, with its sensitivity bound, neighbour replay and the noise it implies (TESTING.md items 2-4)."""
+reference, with its sensitivity bound, neighbour replay and the noise it implies."""
 from __future__ import annotations
 
 import math

@@ -1,5 +1,5 @@
 """A whole DP-SGD step: naive reference equality, clipping bound, neighbour replay, noise, non-finite
-examples, low precision, optimizer surface (TESTING.md items 2, 3, 4, 9, 10)."""
+examples, low precision, optimizer surface."""
 
 import copy
 import io
@@ -256,12 +256,15 @@ def test_closure_adds_noise_once_and_lr_scheduler_and_state_dict():
     model2 = copy.deepcopy(model)
     engine2 = BookKeepingEngine(model2, max_grad_norm=1.0)
     opt2 = DPOptimizer(torch.optim.SGD(model2.parameters(), lr=1.0, momentum=0.9), engine=engine2,
-                       noise_multiplier=1.0, expected_batch_size=4.0, seed=99)
+                       noise_multiplier=1.0, expected_batch_size=4.0, seed=11)  # the same INSECURE seed
     buffer = io.BytesIO()
     torch.save(sd, buffer)
     buffer.seek(0)
     opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    # the key is not in the state (secret); an insecure fixed seed given at construction is kept, with the
+    # saved counter: a reproducible resume for experiments
     assert opt2.noise_offset == opt.noise_offset and opt2.noise_seed == 11 and opt2.steps == 1
+    assert "noise_seed" not in sd["dp"]
     opt2.zero_grad()
     opt.zero_grad()
     for o, m in ((opt, model), (opt2, model2)):

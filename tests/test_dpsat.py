@@ -1,4 +1,4 @@
-"""DP-SAT, its variants and DP-SAM: the update rule of DESIGN.md §2.2 on every path (TESTING.md item 10)."""
+"""DP-SAT, its variants and DP-SAM: the update rule of docs/algorithms.md §2 on every path."""
 
 import copy
 import io
@@ -60,42 +60,119 @@ def test_rho_zero_is_dpsgd_bit_for_bit(microbatches):
         assert torch.equal(p, q)
 
 
-class _WeightRecorder:
-    """Records, at every forward, the distance of the current weights from a reference copy."""
+class _EffectiveWeights:
+    """Records, for every forward of a hooked module, the weights it computed with (the engine's view)."""
 
-    def __init__(self, model):
-        self.model, self.reference, self.distances, self.snapshots = model, None, [], []
-        model.register_forward_pre_hook(self, prepend=False)
+    def __init__(self, engine):
+        self.engine, self.seen = engine, []
+        self._original = engine.effective
+        engine.effective = self
+        for rec in engine.records:
+            rec.effective = self
 
-    def __call__(self, module, args):
-        if self.reference is not None:
-            cur = torch.cat([p.detach().flatten() for p in module.parameters()])
-            self.distances.append((cur - self.reference).norm().item())
-            self.snapshots.append(cur.clone())
+    def __call__(self, p):
+        w = self._original(p)
+        if p is not None and p in self.engine.param_keys:
+            self.seen.append((p, w))
+        return w
+
+    def per_forward(self, n_params):
+        return [self.seen[k:k + n_params] for k in range(0, len(self.seen), n_params)]
 
 
 @pytest.mark.parametrize("direction", ["noisy_gradient", "last_update"])
 @pytest.mark.parametrize("microbatches", [1, 2, 3])
 def test_every_microbatch_is_evaluated_at_exactly_w_plus_eps(microbatches, direction):
+    """Every forward of a step computes with w_t + ε_t (the same tensors for every micro-batch, at distance
+    ρ from w_t), while the parameters themselves stay w_t."""
     model = TinyResNet()
     opt = _make("dpsat", model, rho=0.07, direction=direction)
-    rec = _WeightRecorder(model)  # registered after the optimizer's hook: sees the perturbed weights
+    rec = _EffectiveWeights(opt.engine)
+    n = len(opt.engine.params)
     for t in range(4):
-        rec.reference = torch.cat([p.detach().flatten() for p in model.parameters()])
-        rec.distances, rec.snapshots = [], []
+        clean = _params(model)
+        rec.seen = []
         x, y = _data(seed=t)
         for xm, ym in zip(x.chunk(microbatches), y.chunk(microbatches)):
             F.cross_entropy(model(xm), ym).backward()
-        assert len(rec.distances) == microbatches
-        if t == 0:
-            assert rec.distances == [0.0] * microbatches  # step 0 is unperturbed DP-SGD
-        else:
-            assert rec.distances == pytest.approx([0.07] * microbatches, rel=1e-5)
-            assert all(torch.equal(s, rec.snapshots[0]) for s in rec.snapshots)  # no compounding
+        forwards = rec.per_forward(n)
+        assert len(forwards) == microbatches
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), clean))  # never written
+        for fwd in forwards:
+            dist = torch.cat([(w - p).detach().flatten() for p, w in fwd]).norm().item()
+            if t == 0:
+                assert dist == 0.0  # step 0 is unperturbed DP-SGD
+            else:
+                assert dist == pytest.approx(0.07, rel=1e-5)
+            assert all(torch.equal(w, w0) for (_, w), (_, w0) in zip(fwd, forwards[0]))  # no compounding
         assert opt.perturbed == (t > 0)
         opt.step()
         opt.zero_grad()
-        assert not opt.perturbed
+        assert opt.perturbed
+
+
+def test_perturbation_reaches_eval_mode_and_sub_modules_but_not_no_grad():
+    model = TinyResNet()
+    opt = _make("dpsat", model, rho=0.2)
+    _train(opt, model, steps=1)
+    rec = _EffectiveWeights(opt.engine)
+    x, _ = _data()
+    model.eval()
+    model(x).sum().backward()  # training in eval mode is still DP-SAT
+    assert rec.seen and all(not torch.equal(w, p) for p, w in rec.seen)
+    rec.seen = []
+    head = model.head if hasattr(model, "head") else list(model.children())[-1]
+    head(torch.randn(2, head.in_features)).sum()  # a sub-module called directly
+    assert rec.seen and all(not torch.equal(w, p) for p, w in rec.seen)
+    rec.seen = []
+    with torch.no_grad():
+        model(x)  # evaluation: the plain forward, clean weights
+    assert rec.seen == []
+    opt.zero_grad()
+
+
+def test_logging_forward_between_steps_leaves_weights_and_state_dict_clean():
+    model = TinyResNet()
+    opt = _make("dpsat", model, rho=0.3)
+    _train(opt, model, steps=2)
+    clean = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _data()
+    model.train()
+    F.cross_entropy(model(x), y)  # a loss-logging forward, train mode, grad enabled
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, clean[k]), k
+    opt.zero_grad()
+
+
+def test_rollback_between_forward_and_step_is_not_undone():
+    """The usual NaN rollback: load an older state after a forward/backward, then step() at lr = 0. The
+    weights are the loaded ones (the in-place version restored a stale backup over them)."""
+    model = TinyResNet()
+    opt = _make("dpsat", model, lr=0.0, rho=0.5)
+    _train(opt, model, steps=1)
+    older = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    model.load_state_dict(older)
+    opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, older[k]), k
+    # the next forward computes from the loaded weights, not from a cached w + ε of the old ones
+    rec = _EffectiveWeights(opt.engine)
+    model(x).sum()
+    for p, w in rec.seen:
+        assert (w - p).abs().max() < 10.0
+
+
+def test_dtype_move_after_a_step():
+    model = TinyResNet()
+    opt = _make("dpsat", model, rho=0.1)
+    _train(opt, model, steps=1)
+    model.double()
+    x, y = _data()
+    F.cross_entropy(model(x.double()), y).backward()
+    opt.step()
+    assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("kind", ["dpsat", "dpsam"])
@@ -188,7 +265,7 @@ def test_state_dict_round_trip_restores_previous_noisy_gradient():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     twin_model = copy.deepcopy(model)
-    twin = _make("dpsat", twin_model, seed=123)
+    twin = _make("dpsat", twin_model, seed=3)  # the same INSECURE seed: a reproducible resume
     twin.load_state_dict(torch.load(buf, weights_only=True))
     assert twin.noise_seed == opt.noise_seed and twin.noise_offset == opt.noise_offset
     for a, b in zip(opt.perturbation, twin.perturbation):

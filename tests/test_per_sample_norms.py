@@ -1,4 +1,4 @@
-"""Per-sample oracle (TESTING.md item 1): for every supported layer and configuration, the engine's
+"""Per-sample oracle: for every supported layer and configuration, the engine's
 per-example squared norms and clipped sums equal a float64 per-example reference.
 
 Every float32 case runs twice: through the PyTorch kernels and through the Triton kernels (in the
@@ -115,6 +115,16 @@ def test_embedding_repeated_indices(dtype, padding_idx):
     assert_matches_reference(model, [idx], dtype, max_grad_norm=0.7)
 
 
+def _frozen_bn(bn, bias=True):
+    """A BatchNorm (or a norm with running statistics) as after pretraining, frozen: eval mode, running statistics far from 0 and 1 (so that a rule
+    that normalized with the batch's statistics, or without the running ones, would be caught)."""
+    with torch.no_grad():
+        bn.running_mean.uniform_(-2, 2)
+        bn.running_var.uniform_(0.3, 3)
+    bn.bias.requires_grad_(bias)
+    return bn.eval()
+
+
 class _Norms(nn.Module):
     def __init__(self, norm, flatten_to=None):
         super().__init__()
@@ -138,7 +148,15 @@ class _Norms(nn.Module):
     (lambda: nn.InstanceNorm3d(2, affine=True), (3, 2, 3, 2, 3)),
     (lambda: nn.RMSNorm(6), (4, 3, 6)),
     (lambda: nn.RMSNorm((2, 6), eps=1e-5), (4, 2, 6)),
-], ids=["ln", "ln2d", "ln-nobias", "gn2d", "gn1d", "gn3d", "in1d", "in2d", "in3d", "rms", "rms2d"])
+    (lambda: _frozen_bn(nn.InstanceNorm2d(4, affine=True, track_running_stats=True)), (3, 4, 3, 5)),
+    (lambda: _frozen_bn(nn.BatchNorm1d(6)), (4, 6)),
+    (lambda: _frozen_bn(nn.BatchNorm1d(4, eps=1e-3)), (3, 4, 7)),
+    (lambda: _frozen_bn(nn.BatchNorm2d(4)), (3, 4, 3, 5)),
+    (lambda: _frozen_bn(nn.BatchNorm3d(2)), (3, 2, 3, 2, 3)),
+    (lambda: _frozen_bn(nn.SyncBatchNorm(4)), (3, 4, 5, 2)),
+    (lambda: _frozen_bn(nn.BatchNorm2d(4), bias=False), (3, 4, 3, 3)),
+], ids=["ln", "ln2d", "ln-nobias", "gn2d", "gn1d", "gn3d", "in1d", "in2d", "in3d", "rms", "rms2d", "in2d-frozen-stats",
+        "bn1d-2d", "bn1d", "bn2d", "bn3d", "syncbn", "bn2d-weight-only"])
 def test_norm_layers(dtype, norm, shape):
     m = norm()
     with torch.no_grad():

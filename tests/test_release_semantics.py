@@ -310,3 +310,49 @@ def test_dpsat_steps_follow_the_same_rules():
     (gx,) = torch.autograd.grad(_loss(model, (x.requires_grad_(True), y)), x)
     assert not engine.summed_grads
     copy.deepcopy(model)  # a copy of an attached model is fine
+
+
+# -- the batch is the first dimension of every hooked layer ------------------------------------------------
+
+class _SequenceFirst(nn.Module):
+    """Feeds [T, B, D] to its Linear layers (PyTorch's batch_first=False convention)."""
+
+    def __init__(self, T=6, D=5):
+        super().__init__()
+        self.T = T
+        self.proj = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):  # x [B, T·D]
+        B = x.shape[0]
+        h = self.proj(x.view(B, self.T, -1).transpose(0, 1))  # [T, B, D]: clipped per position
+        return self.head(h).mean(0)  # every layer sees T as its leading dimension
+
+
+def _poisson_run(model, steps, skip_every=None):
+    from dpsat_fast.data import PoissonDataLoader
+
+    ds = torch.utils.data.TensorDataset(torch.randn(60, 30), torch.randint(0, 3, (60,)))
+    loader = PoissonDataLoader(ds, sample_rate=0.1, steps=steps)
+    pe = PrivacyEngine()
+    model, opt, loader = pe.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    for k, (x, y) in enumerate(loader):
+        opt.zero_grad()
+        if len(y):
+            F.cross_entropy(model(x), y).backward()
+        if skip_every and k % skip_every == 0:
+            continue  # a skipped batch: zero_grad at the next iteration discards it
+        opt.step()
+    return pe
+
+
+def test_sequence_first_layers_are_refused_within_a_few_steps():
+    with pytest.raises(PrivacyConfigError, match="FIRST dimension"):
+        _poisson_run(_SequenceFirst(), steps=20)
+
+
+def test_batch_first_layers_and_skipped_batches_pass_the_batch_check():
+    model = nn.Sequential(nn.Linear(30, 8), nn.ReLU(), nn.Linear(8, 3))
+    pe = _poisson_run(model, steps=10, skip_every=3)
+    assert pe.accountant.steps == 6

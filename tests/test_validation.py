@@ -1,5 +1,4 @@
-"""Bad input is refused before any data is touched, with an error naming the problem and the fix
-(TESTING.md item 8)."""
+"""Bad input is refused before any data is touched, with an error naming the problem and the fix."""
 
 import warnings
 
@@ -28,9 +27,23 @@ class Untouchable(torch.Tensor):
 ], ids=["bn2d", "no-affine", "frozen", "bn1d", "bn3d", "sync", "lazy"])
 def test_batchnorm_in_train_mode_is_refused_with_fix(bn):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), bn(), nn.ReLU())
-    with pytest.raises(PrivacyConfigError, match=r"BatchNorm.*fix_model") as e:
+    with pytest.raises(PrivacyConfigError, match=r"BatchNorm.*train mode.*freeze_batchnorm.*fix_model") as e:
         BookKeepingEngine(model, max_grad_norm=1.0)
     assert "'1'" in str(e.value)  # names the module
+
+
+@pytest.mark.parametrize("bn", [
+    lambda: nn.BatchNorm2d(4, track_running_stats=False),
+    lambda: nn.BatchNorm2d(4, affine=False, track_running_stats=False),
+    lambda: nn.BatchNorm2d(4, track_running_stats=False).requires_grad_(False),
+    lambda: nn.BatchNorm1d(4, track_running_stats=False),
+    lambda: nn.SyncBatchNorm(4, track_running_stats=False),
+], ids=["bn2d", "no-affine", "frozen", "bn1d", "sync"])
+def test_batchnorm_without_running_stats_is_refused_in_eval_mode_too(bn):
+    """It normalizes with batch statistics in eval mode as well."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn().eval())
+    with pytest.raises(PrivacyConfigError, match=r"'1' \(\w*BatchNorm\w*\): .*track_running_stats=False.*fix_model"):
+        BookKeepingEngine(model, max_grad_norm=1.0)
 
 
 def test_frozen_batchnorm_in_eval_mode_is_fine():
@@ -38,10 +51,72 @@ def test_frozen_batchnorm_in_eval_mode_is_fine():
     validate_model(model)
 
 
-def test_trainable_batchnorm_in_eval_mode_is_unsupported():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval())
-    with pytest.raises(PrivacyConfigError, match="no per-sample gradient rule"):
+def test_trainable_batchnorm_in_eval_mode_is_supported():
+    """Eval mode with running statistics normalizes every example alike: its affine part trains privately."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.Flatten(), nn.Linear(4, 2))
+    validate_model(model)
+    engine = BookKeepingEngine(model, max_grad_norm=1.0)
+    model(torch.randn(3, 3, 3, 3)).sum().backward()
+    assert {"1.weight", "1.bias"} <= set(engine.last_sq_norms)
+    engine.detach()
+
+
+@pytest.mark.parametrize("norm", [
+    lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+    lambda: nn.InstanceNorm2d(3, track_running_stats=True),  # affine=False: still stores private statistics
+    lambda: nn.InstanceNorm1d(3, affine=True, track_running_stats=True).requires_grad_(False),
+    lambda: nn.InstanceNorm3d(3, track_running_stats=True),
+    lambda: nn.LazyInstanceNorm2d(track_running_stats=True),
+], ids=["affine", "no-affine", "frozen", "3d", "lazy"])
+def test_norm_with_running_stats_in_train_mode_is_refused(norm):
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), norm())
+    with pytest.raises(PrivacyConfigError, match=r"'1' \(\w*InstanceNorm\w*\): .*track_running_stats.*state_dict"):
+        BookKeepingEngine(model, max_grad_norm=1.0)
+    validate_model(nn.Sequential(nn.Conv2d(3, 3, 1), nn.InstanceNorm2d(3, affine=True, track_running_stats=True).eval()))
+    validate_model(nn.Sequential(nn.Conv2d(3, 3, 1), nn.InstanceNorm2d(3, affine=True)))  # no running stats
+
+
+def test_old_weight_norm_is_refused():
+    """torch.nn.utils.weight_norm keeps the Linear type (it has a rule) but its trainable parameters are
+    weight_g/weight_v, which the rule never sees: their update would be noise only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(PrivacyConfigError, match=r"'0' \(Linear\): trainable parameters \['weight_g', 'weight_v'\] "
+                       r"are not computed by its per-sample gradient rule.*remove_weight_norm") as e:
+        BookKeepingEngine(model, max_grad_norm=1.0)
+    assert "'2'" not in str(e.value)
+    torch.nn.utils.remove_weight_norm(model[0])
+    BookKeepingEngine(model, max_grad_norm=1.0).detach()
+
+
+def test_old_spectral_norm_and_extra_parameters_are_refused():
+    model = nn.Sequential(torch.nn.utils.spectral_norm(nn.Linear(3, 4)))
+    with pytest.raises(PrivacyConfigError, match=r"\['weight_orig'\].*remove_spectral_norm"):
         validate_model(model)
+    lin = nn.Linear(3, 3)
+    lin.scale = nn.Parameter(torch.ones(3))
+    with pytest.raises(PrivacyConfigError, match=r"\['scale'\] are not computed by.*register_rule"):
+        validate_model(lin)
+    lin.scale.requires_grad_(False)
+    validate_model(lin)
+
+
+def test_parametrized_weight_is_refused():
+    """New-style parametrizations move the weight to a ParametrizationList (no rule): one clear message naming
+    the parametrized module and how to remove the parametrization."""
+    model = nn.Sequential(nn.Linear(3, 3), torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)))
+    with pytest.raises(PrivacyConfigError) as e:
+        BookKeepingEngine(model, max_grad_norm=1.0)
+    msg = str(e.value)
+    assert msg.count("\n  - ") == 1, msg
+    assert "'1' (ParametrizedLinear): ['weight'] are computed by torch.nn.utils.parametrize" in msg
+    assert "parametrizations.weight.original0" in msg and "remove_parametrizations(module, 'weight')" in msg
+    model[1].bias.requires_grad_(False)  # the parametrization alone is refused too
+    with pytest.raises(PrivacyConfigError, match=r"'1' \(ParametrizedLinear\).*original1"):
+        validate_model(model)
+    torch.nn.utils.parametrize.remove_parametrizations(model[1], "weight")
+    validate_model(model)
 
 
 def test_fix_model_replaces_batchnorm_and_attention():

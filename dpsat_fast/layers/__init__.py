@@ -10,12 +10,13 @@ from typing import Dict, Optional, Type
 
 from torch import nn
 
-from .attention import DPMultiheadAttention, convert_multihead_attention
+from .attention import (DPMultiheadAttention, SequenceFirstAdapter, convert_multihead_attention,
+                        convert_sequence_first_transformers)
 from .base import LayerRule, ModuleRecord
 from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
-from .norms import GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
+from .norms import BatchNormRule, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
 
 _RULES: Dict[Type[nn.Module], LayerRule] = {}
 
@@ -34,9 +35,9 @@ def supported_types() -> tuple:
 
 
 for _rule in (LinearRule(), ConvRule(), EmbeddingRule(), LayerNormRule(), RMSNormRule(), GroupNormRule(),
-              InstanceNormRule()):
+              InstanceNormRule(), BatchNormRule()):
     for _t in _rule.module_types:
         register_rule(_t, _rule)
 
 __all__ = ["LayerRule", "ModuleRecord", "register_rule", "get_rule", "supported_types", "DPMultiheadAttention",
-           "convert_multihead_attention"]
+           "convert_multihead_attention", "SequenceFirstAdapter", "convert_sequence_first_transformers"]

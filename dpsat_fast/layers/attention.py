@@ -1,15 +1,20 @@
-"""A DP-compatible multi-head attention with nn.MultiheadAttention's interface.
+"""A DP-compatible multi-head attention with nn.MultiheadAttention's interface, and batch-first transformers.
 
 nn.MultiheadAttention applies its packed ``in_proj_weight`` inside one functional call, so no per-layer rule
 can see its inputs. :class:`DPMultiheadAttention` computes the same function with four nn.Linear
 projections (q, k, v, out) whose per-example gradients the Linear rule handles exactly;
 :func:`convert_multihead_attention` swaps it in, copying the weights.
+
+nn.Transformer and its encoder/decoder (layers) default to ``batch_first=False``: their Linear and LayerNorm
+layers then see [T, B, D] tensors, whose first dimension is not the batch, so no per-example rule applies.
+:func:`convert_sequence_first_transformers` makes such a module batch-first inside and wraps it in a
+:class:`SequenceFirstAdapter`, which keeps the sequence-first interface (same call, same outputs).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,15 @@ class DPMultiheadAttention(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
         self.head_dim = embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        # What torch's transformer code reads on its ``self_attn`` (the fast paths of nn.TransformerEncoderLayer,
+        # nn.TransformerEncoder): with no packed projection (``in_proj_bias is None``) they take the regular
+        # path, which calls this module's forward.
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.in_proj_weight = None
+        self.in_proj_bias = None
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias, **kw)
@@ -99,4 +113,102 @@ def convert_multihead_attention(module: nn.Module) -> nn.Module:
         return DPMultiheadAttention.from_torch(module)
     for name, child in module.named_children():
         setattr(module, name, convert_multihead_attention(child))
+    return module
+
+
+def _swap_batch_and_sequence(t):
+    """[T, B, D] <-> [B, T, D] (its own inverse); other values (unbatched inputs, masks, flags) pass unchanged."""
+    return t.transpose(0, 1) if isinstance(t, Tensor) and t.dim() == 3 else t
+
+
+class SequenceFirstAdapter(nn.Module):
+    """The sequence-first ([T, B, D]) interface of ``module``, which runs batch-first inside.
+
+    ``forward`` takes the wrapped module's arguments, positional or by keyword, moves the batch of the
+    sequence arguments (``sequence_args``: (name, position) pairs, e.g. ``src``/``tgt``/``memory``) to the front,
+    calls ``module`` and moves it back in the output. Masks need nothing: key padding masks are [B, S] and
+    attention masks [L, S] or [B·H, L, S] in both layouts. Every Linear/LayerNorm inside then sees the batch
+    first, so its per-example gradients are exact. Attributes it does not have itself (``layers``,
+    ``self_attn``, ``generate_square_subsequent_mask``, …) are read from ``module``; ``batch_first`` is False
+    (the interface), while the attention modules inside are batch-first. Parameter names gain a
+    ``module.`` prefix.
+    """
+
+    def __init__(self, module: nn.Module, sequence_args: Sequence[Tuple[str, int]]):
+        super().__init__()
+        self.module = module
+        self.sequence_args = tuple((str(n), int(i)) for n, i in sequence_args)
+        self.batch_first = False
+
+    def forward(self, *args, **kwargs):
+        args = list(args)
+        for name, i in self.sequence_args:
+            if i < len(args):
+                args[i] = _swap_batch_and_sequence(args[i])
+            elif name in kwargs:
+                kwargs[name] = _swap_batch_and_sequence(kwargs[name])
+        return _swap_batch_and_sequence(self.module(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
+
+
+_SEQUENCE_ARGS = {
+    nn.TransformerEncoderLayer: (("src", 0),),
+    nn.TransformerDecoderLayer: (("tgt", 0), ("memory", 1)),
+    nn.TransformerEncoder: (("src", 0),),
+    nn.TransformerDecoder: (("tgt", 0), ("memory", 1)),
+    nn.Transformer: (("src", 0), ("tgt", 1)),
+}
+_ATTENTIONS = {nn.TransformerEncoderLayer: ("self_attn",), nn.TransformerDecoderLayer: ("self_attn", "multihead_attn")}
+#: final norms of an encoder/decoder that act on each position alone, so the layout does not change them
+_POSITIONWISE = (nn.LayerNorm, nn.RMSNorm, nn.Identity)
+
+
+def _sequence_first_layer(m: nn.Module) -> bool:
+    names = _ATTENTIONS.get(type(m))
+    if names is None:
+        return False
+    attns = [getattr(m, n, None) for n in names]
+    return all(isinstance(a, (nn.MultiheadAttention, DPMultiheadAttention)) and not a.batch_first for a in attns)
+
+
+def _convertible(m: nn.Module) -> bool:
+    """``m`` is a torch transformer (layer) with the sequence-first layout whose function the conversion keeps."""
+    t = type(m)
+    if t in _ATTENTIONS:
+        return _sequence_first_layer(m)
+    if t in (nn.TransformerEncoder, nn.TransformerDecoder):
+        layer_type = nn.TransformerEncoderLayer if t is nn.TransformerEncoder else nn.TransformerDecoderLayer
+        return (len(m.layers) > 0 and all(type(layer) is layer_type and _sequence_first_layer(layer)
+                                          for layer in m.layers)
+                and (m.norm is None or type(m.norm) in _POSITIONWISE))
+    if t is nn.Transformer:
+        return (not m.batch_first and type(m.encoder) is nn.TransformerEncoder
+                and type(m.decoder) is nn.TransformerDecoder and _convertible(m.encoder) and _convertible(m.decoder))
+    return False
+
+
+def convert_sequence_first_transformers(module: nn.Module) -> nn.Module:
+    """Replace every sequence-first nn.Transformer / TransformerEncoder / TransformerDecoder /
+    TransformerEncoderLayer / TransformerDecoderLayer in ``module`` (in place; the root too), outermost first,
+    by a :class:`SequenceFirstAdapter` around the same module made batch-first inside (its attention modules
+    and, for nn.Transformer, its ``batch_first`` flag). The function is unchanged. An encoder/decoder whose
+    final norm is not position-wise, or nn.Transformer with a custom encoder/decoder, is left as it is and its
+    layers are converted one by one."""
+    if _convertible(module):
+        for sub in module.modules():
+            if isinstance(sub, (nn.MultiheadAttention, DPMultiheadAttention)):
+                sub.batch_first = True
+        if type(module) is nn.Transformer:
+            module.batch_first = True
+        return SequenceFirstAdapter(module, _SEQUENCE_ARGS[type(module)])
+    for name, child in module.named_children():
+        setattr(module, name, convert_sequence_first_transformers(child))
     return module

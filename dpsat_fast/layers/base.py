@@ -33,6 +33,12 @@ class NoiseRequest:
     std: float
     offsets: Dict[str, int]
 
+    def of(self, name: str) -> Tuple[int, int, float]:
+        """``(seed, offset, std)`` for parameter ``name`` (std 0: no noise for it in this sum)."""
+        if name in self.offsets:
+            return self.seed, self.offsets[name], self.std
+        return 0, 0, 0.0
+
     def covers(self, names: Sequence[str]) -> bool:
         """Noise is requested for every one of ``names`` (kernels that write several parameters at once fuse
         only then; otherwise the engine adds the noise afterwards)."""
@@ -67,6 +73,8 @@ class ModuleRecord:
         self.forward_calls = 0
         self._on_record = on_record
         self._accept = accept
+        #: the engine's view of a parameter for the forward (``w + ε`` under a DP-SAT perturbation, else ``w``)
+        self.effective: Callable[[Optional[Tensor]], Optional[Tensor]] = lambda p: p
 
     def add_use(self, ctx=None, **tensors: Tensor) -> None:
         """Called from a rule's backward (with its autograd ``ctx``) with batch-leading tensors."""
@@ -137,8 +145,8 @@ def materialized_sq_norms(pe: Tensor) -> Tensor:
     these same tensors adds exactly ``c_i·pe_i`` for example i (up to the rounding of the sum over examples),
     so this is a certified clipping norm for them."""
     B = pe.shape[0]
-    n = max(1, pe[0].numel()) if B else 1
-    flat = pe.reshape(B, -1)
+    n = max(1, math.prod(pe.shape[1:]))
+    flat = pe.reshape(B, math.prod(pe.shape[1:]))
     step = max(1, _SQ_NORM_CHUNK // n)
     out = torch.empty(B, dtype=torch.float64, device=pe.device)
     for s in range(0, B, step):

@@ -2,7 +2,7 @@
 
 For group k the layer is a matrix product on unfolded patches: ``a_i ∈ R^{T×D_k}`` with T output positions
 and ``D_k = (C_in/groups)·∏kernel``, ``g_i ∈ R^{T×P_k}`` with ``P_k = C_out/groups``; the per-example weight
-gradient of the group is ``g_iᵀ a_i`` and ``‖∂W_i‖² = Σ_k ‖g_{i,k}ᵀ a_{i,k}‖²`` (DESIGN.md §2.3). Every group
+gradient of the group is ``g_iᵀ a_i`` and ``‖∂W_i‖² = Σ_k ‖g_{i,k}ᵀ a_{i,k}‖²`` (docs/algorithms.md §3). Every group
 is counted: treating a grouped conv as dense gives wrong norms. Norms and clipped noisy sums are the ops
 ``conv_weight_sq_norms`` / ``conv_clipped_sum_with_noise`` (Triton with implicit im2col on CUDA, convolution
 weight-gradients on CPU); a module used several times in one forward is handled exactly in PyTorch.
@@ -19,7 +19,10 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import torch_impl
-from .base import NO_NOISE, LayerRule, ModuleRecord, NoiseRequest, Use, sum_over_uses
+from ..ops import error_bounds
+from ..ops.routes import kernel_backend_of, resolve_conv_route
+from . import bounds
+from .base import NO_NOISE, LayerRule, ModuleRecord, NoiseRequest, Use, materialized_sq_norms, sum_over_uses
 
 
 # Per layer, per-example weight gradients up to this many elements (fp32: 64 MiB) are kept between the norms
@@ -29,12 +32,13 @@ PER_EXAMPLE_CACHE_ELEMENTS = 1 << 24
 
 class _ConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, record: ModuleRecord, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, record: ModuleRecord, stride, padding, dilation, groups, w_eff, b_eff):
+        # weight/bias: graph edges only; the convolution runs with w_eff/b_eff (DP-SAT: w + ε)
+        ctx.save_for_backward(x, w_eff)
         ctx.record = record
         ctx.geometry = (stride, padding, dilation, groups)
-        n = weight.dim() - 2
-        return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * n, groups)
+        n = w_eff.dim() - 2
+        return torch.convolution(x, w_eff, b_eff, stride, padding, dilation, False, [0] * n, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -47,7 +51,7 @@ class _ConvFunction(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(
                 grad_out, x, weight.to(grad_out.dtype), None, stride, padding, dilation, False, [0] * n,
                 groups, [True, False, False])[0]
-        return grad_x, None, None, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None, None, None, None
 
 
 class ConvRule(LayerRule):
@@ -79,7 +83,8 @@ class ConvRule(LayerRule):
                              f"shape {tuple(x.shape)}")
         x, padding = self._prepare(module, x)
         record.geometry = (tuple(module.stride), padding, tuple(module.dilation), module.groups)
-        return _ConvFunction.apply(x, module.weight, module.bias, record, *record.geometry)
+        return _ConvFunction.apply(x, module.weight, module.bias, record, *record.geometry,
+                                   record.effective(module.weight), record.effective(module.bias))
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -106,70 +111,89 @@ class ConvRule(LayerRule):
 
     # -- rule ----------------------------------------------------------------------------------
     def sq_norms(self, record, uses, names) -> Dict[str, Tensor]:
-        shape, stride, padding, dilation, groups = self._args(record)
-        with_bias = "bias" in names
-        if "weight" not in names:
-            return {"bias": self._bias_grads(uses).pow(2).sum(1)}
         record.cache.clear()
-        if len(uses) == 1 and self._keep_per_example(record, uses[0]):
-            # CPU instantiate route: keep the per-example gradients for the clipped sum (Σ_i c_i G_i is then
-            # one pass over them instead of a second convolution weight-gradient)
-            pe, bias, w_sq, b_sq = ops.conv_per_example_grads(uses[0]["x"], uses[0]["g"], *self._args(record),
-                                                              with_bias=with_bias)
-            record.cache["weight_per_example"] = pe
-            out = {"weight": w_sq}
-            if with_bias:
-                record.cache["bias_per_example"] = bias
-                out["bias"] = b_sq
-            return out
-        if len(uses) == 1:
-            w, b = ops.conv_weight_sq_norms(uses[0]["x"], uses[0]["g"], shape, stride, padding, dilation, groups,
-                                            self.route, with_bias=with_bias)
-            return {"weight": w, "bias": b} if with_bias else {"weight": w}
-        # one module used several times: the per-example gradient is the sum over uses (cross terms)
-        B = uses[0]["x"].shape[0]
-        T = sum(math.prod(u["g"].shape[2:]) for u in uses)
-        route = self.route or ops.choose_route(T, math.prod(shape[1:]), shape[0] // groups)
-        if route == "instantiate":
-            parts = [self._weight_grads(record, uses, sl).flatten(1).pow(2).sum(1)
-                     for sl in torch_impl.batch_chunks(B, math.prod(shape))]
-            out = {"weight": torch.cat(parts) if len(parts) != 1 else parts[0]}
-        else:
-            a, g = torch_impl.conv_patches_and_grads([u["x"] for u in uses], [u["g"] for u in uses], shape[2:],
-                                                     stride, padding, dilation, groups)
-            out = {"weight": torch_impl.sq_norms_ghost(a, g).view(B, groups).sum(1)}
-        if with_bias:
-            out["bias"] = self._bias_grads(uses).pow(2).sum(1)
+        out = {}
+        if "bias" in names:
+            db = self._bias_grads(uses)
+            record.cache["bias_per_example"] = db
+            out["bias"] = materialized_sq_norms(db)
+        if "weight" in names:
+            out["weight"] = self._weight_sq_norms(record, uses)
         return out
 
+    def _weight_sq_norms(self, record, uses: List[Use]) -> Tensor:
+        shape, stride, padding, dilation, groups = self._args(record)
+        x0, g0 = uses[0]["x"], uses[0]["g"]
+        dtype = torch.promote_types(x0.dtype, g0.dtype)
+        backend = kernel_backend_of(x0, len(shape) - 2)
+        if len(uses) == 1 and self._keep_per_example(record, uses[0]):
+            # CPU instantiate route: keep the per-example gradients for the clipped sum (Σ_i c_i G_i is then
+            # one pass over them instead of a second convolution weight-gradient); norm and sum then come
+            # from the same tensors, so the norm needs no rounding certificate beyond its own sum
+            pe, _, w_sq, _ = ops.conv_per_example_grads(x0, g0, *self._args(record), with_bias=False)
+            record.cache["weight_per_example"] = pe
+            return w_sq.double() * (1.0 + error_bounds.materialized_sq_norm_error(math.prod(shape), dtype, backend))
+        B = x0.shape[0]
+        Ts = [math.prod(u["g"].shape[2:]) for u in uses]
+        T, D, P = sum(Ts), math.prod(shape[1:]), shape[0] // groups
+        if len(uses) == 1:
+            route = resolve_conv_route(self.route, x0, g0, shape, stride, padding, dilation, groups)
+            h, _ = ops.conv_weight_sq_norms(x0, g0, shape, stride, padding, dilation, groups, route, with_bias=False)
+        else:
+            # one module used several times: the per-example gradient is the sum over uses (cross terms)
+            route = self.route or ops.choose_route(T, D, P)
+            if route == "instantiate":
+                parts = [materialized_sq_norms(self._weight_grads(record, uses, sl))
+                         for sl in torch_impl.batch_chunks(B, math.prod(shape))]
+                h = torch.cat(parts) if len(parts) != 1 else parts[0]
+            else:
+                a, g = torch_impl.conv_patches_and_grads([u["x"] for u in uses], [u["g"] for u in uses], shape[2:],
+                                                         stride, padding, dilation, groups)
+                h = torch_impl.sq_norms_ghost(a, g).double().view(B, groups).sum(1)
+        S = bounds.conv_position_products([u["x"] for u in uses], [u["g"] for u in uses], shape, stride, padding,
+                                          dilation, groups)
+        kappa = max(error_bounds.clipped_sum_error(B, t, dtype, backend) for t in Ts)
+        if route == "ghost":
+            alpha = error_bounds.ghost_sq_norm_error(T, D, P, dtype, groups=groups, backend=backend)
+            nsq, loose = bounds.certified_norms(h, S, alpha=alpha, kappa=kappa)
+        else:
+            beta, rho = error_bounds.instantiate_norm_error(T, D, P, dtype, groups=groups, backend=backend)
+            nsq, loose = bounds.certified_norms(h, S, beta=beta, rho=rho, kappa=kappa)
+        if bool(loose.any()):
+            idx = loose.nonzero().flatten()
+            pe = sum_over_uses([torch_impl.conv_per_example_grads(u["x"][idx].double(), u["g"][idx].double(), shape,
+                                                                  stride, padding, dilation, groups) for u in uses])
+            nsq[idx] = bounds.exact_sq_norms(pe, T, S[idx])
+            record.cache["weight_fallback"] = (idx, pe)
+            bounds.record_fallback(record.name, idx.numel())
+        return nsq
+
     def clipped_sums(self, record, uses, scale, names, noise: Optional[NoiseRequest] = None):
-        if "weight" not in names:
-            bias = self._bias_grads(uses)
-            return {"bias": bias.t().mv(scale.to(bias.dtype))}, set()
-        if noise is None or not noise.covers(names):
-            noise = NO_NOISE
-        with_bias = "bias" in names
-        pe = record.cache.pop("weight_per_example", None)
-        if pe is not None:
-            w = ops.per_example_clipped_sum_with_noise(pe.flatten(1), scale, noise.seed, noise.offsets.get("weight", 0),
-                                                       noise.std).view(pe.shape[1:])
-            out = {"weight": w}
-            if with_bias:
-                bias = record.cache.pop("bias_per_example")
-                out["bias"] = ops.per_example_clipped_sum_with_noise(bias, scale, noise.seed,
-                                                                     noise.offsets.get("bias", 0), noise.std)
-            return out, set(noise.offsets) & set(names)
-        w_parts, b_parts = [], []
-        for k, u in enumerate(uses):
-            use_noise = noise if k == 0 else NO_NOISE  # the noise goes into the sum once
-            w, b = ops.conv_clipped_sum_with_noise(u["x"], u["g"], scale, *self._args(record), with_bias,
-                                                   use_noise.seed, use_noise.offsets.get("weight", 0),
-                                                   use_noise.offsets.get("bias", 0), use_noise.std)
-            w_parts.append(w)
-            b_parts.append(b)
-        out = {"weight": sum_over_uses(w_parts)}
-        if with_bias:
-            out["bias"] = sum_over_uses(b_parts)
+        noise = noise or NO_NOISE
+        out = {}
+        if "bias" in names:
+            db = record.cache.pop("bias_per_example", None)
+            db = self._bias_grads(uses) if db is None else db
+            out["bias"] = ops.per_example_clipped_sum_with_noise(db, scale, *noise.of("bias"))
+        if "weight" in names:
+            seed, offset, std = noise.of("weight")
+            pe = record.cache.pop("weight_per_example", None)
+            if pe is not None:
+                out["weight"] = ops.per_example_clipped_sum_with_noise(pe.flatten(1), scale, seed, offset,
+                                                                       std).view(pe.shape[1:])
+            else:
+                fallback = record.cache.pop("weight_fallback", None)
+                fused_scale = scale if fallback is None else bounds.scale_without(scale, fallback[0])
+                parts = []
+                for k, u in enumerate(uses):  # the noise goes into the sum once
+                    w, _ = ops.conv_clipped_sum_with_noise(u["x"], u["g"], fused_scale, *self._args(record), False,
+                                                           seed, offset, 0, std if k == 0 else 0.0)
+                    parts.append(w)
+                w = sum_over_uses(parts)
+                if fallback is not None:  # the exactly recomputed examples, from their float64 gradients
+                    idx, pe64 = fallback
+                    w = w + torch.tensordot(scale[idx].double(), pe64, dims=1).to(w.dtype)
+                out["weight"] = w
         return out, set(noise.offsets) & set(names)
 
     def per_example_grads(self, record, uses, names) -> Dict[str, Tensor]:

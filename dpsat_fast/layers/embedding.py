@@ -21,17 +21,17 @@ from .base import LayerRule, ModuleRecord, Use, as_batch_positions_features
 
 class _EmbeddingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, idx, weight, padding_idx, record: ModuleRecord):
+    def forward(ctx, idx, weight, padding_idx, record: ModuleRecord, w_eff):
         ctx.save_for_backward(idx)
         ctx.record = record
-        return F.embedding(idx, weight, padding_idx)
+        return F.embedding(idx, w_eff, padding_idx)  # weight: graph edge only; w_eff = w (+ ε under DP-SAT)
 
     @staticmethod
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
         ctx.record.add_use(ctx, idx=idx.reshape(idx.shape[0], math.prod(idx.shape[1:])),
                            g=as_batch_positions_features(grad_out))
-        return None, None, None, None
+        return None, None, None, None, None
 
 
 class EmbeddingRule(LayerRule):
@@ -51,7 +51,7 @@ class EmbeddingRule(LayerRule):
     def forward(self, module: nn.Embedding, record: ModuleRecord, idx: Tensor) -> Tensor:
         if idx.dim() < 1:
             raise ValueError(f"{record.name}: DP Embedding needs a batch dimension first")
-        return _EmbeddingFunction.apply(idx, module.weight, module.padding_idx, record)
+        return _EmbeddingFunction.apply(idx, module.weight, module.padding_idx, record, record.effective(module.weight))
 
     @staticmethod
     def _flat(record: ModuleRecord, uses: List[Use]):
@@ -63,7 +63,12 @@ class EmbeddingRule(LayerRule):
             g = g * (idx != pad).unsqueeze(-1).to(g.dtype)
         return idx, g
 
-    def sq_norms(self, record, uses, names) -> Dict[str, Tensor]:
+    def _rows(self, record: ModuleRecord, uses: List[Use]):
+        """Per (example, index) accumulated gradient rows: ``(example of each row, index of each row, rows)``;
+        computed once per backward and used for both the norm and the clipped sum."""
+        cached = record.cache.get("rows")
+        if cached is not None:
+            return cached
         idx, g = self._flat(record, uses)
         B, T = idx.shape
         V = record.module.num_embeddings
@@ -72,15 +77,24 @@ class EmbeddingRule(LayerRule):
         unique, inverse = torch.unique(keys, return_inverse=True)
         rows = torch.zeros(unique.numel(), g.shape[-1], dtype=g.dtype, device=g.device)
         rows.index_add_(0, inverse, g.reshape(B * T, -1))  # one row per (example, index)
-        out = torch.zeros(B, dtype=g.dtype, device=g.device)
-        out.index_add_(0, unique // V, rows.pow(2).sum(1))
-        return {"weight": out}
+        record.cache["rows"] = (unique // V, unique % V, rows)
+        return record.cache["rows"]
+
+    def sq_norms(self, record, uses, names) -> Dict[str, Tensor]:
+        # the squares of the accumulated rows (duplicates added before squaring), exactly in float64: the
+        # clipped sum adds these same rows, so this bounds what it adds for each example
+        example, _, rows = self._rows(record, uses)
+        B = uses[0]["idx"].shape[0]
+        out = torch.zeros(B, dtype=torch.float64, device=rows.device)
+        out.index_add_(0, example, rows.double().pow(2).sum(1))
+        return {"weight": out * (1.0 + (rows.shape[1] * max(1, uses[0]["idx"].shape[1]) + 2) * 2.0 ** -53)}
 
     def clipped_sums(self, record, uses, scale, names, noise=None):
-        idx, g = self._flat(record, uses)
+        example, index, rows = self._rows(record, uses)
+        record.cache.pop("rows", None)
         weight = record.module.weight
-        out = torch.zeros(weight.shape, dtype=g.dtype, device=g.device)
-        out.index_add_(0, idx.reshape(-1), (g * scale.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1]))
+        out = torch.zeros(weight.shape, dtype=rows.dtype, device=rows.device)
+        out.index_add_(0, index, rows * scale.to(rows.dtype)[example].unsqueeze(1))
         return {"weight": out}, set()
 
     def per_example_grads(self, record, uses, names) -> Dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""DP-SAT's passes over all trainable parameters at once (DESIGN.md §2.2).
+"""DP-SAT's passes over all trainable parameters at once (docs/algorithms.md §2).
 
 * :func:`multi_tensor_sq_norm`: ``Σ_k ‖t_k‖²`` over a list of tensors, for the ONE global norm of the
   released gradient that the perturbation is scaled by.

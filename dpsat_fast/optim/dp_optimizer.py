@@ -1,4 +1,4 @@
-"""DP-SGD as a wrapper around any torch.optim optimizer (DESIGN.md §2.1).
+"""DP-SGD as a wrapper around any torch.optim optimizer (docs/algorithms.md §1).
 
 One logical step: the engine has accumulated ``Σ_i c_i g_i`` over the step's backward passes
 (micro-batches); the optimizer releases ``g̃ = (Σ_i c_i g_i + N(0, σ²C²I)) / B̄`` for every trainable
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -23,6 +24,10 @@ from ..engine import BookKeepingEngine, NoisePlan
 from ..validation import PrivacyConfigError, check_noise_multiplier, check_sample_rate
 
 
+class InsecureNoiseWarning(UserWarning):
+    """A fixed noise key was given: the run is reproducible and not private."""
+
+
 class DPOptimizer(Optimizer):
     """Differentially private wrapper of ``optimizer``; a real :class:`torch.optim.Optimizer` sharing the
     wrapped optimizer's ``param_groups`` and ``state`` (LR schedulers and state_dict work as usual).
@@ -32,8 +37,9 @@ class DPOptimizer(Optimizer):
         engine: the :class:`~dpsat_fast.engine.BookKeepingEngine` attached to the model.
         noise_multiplier: σ; the noise std per coordinate is σ · C.
         expected_batch_size: B̄ = q·N, public; the noisy sum is divided by it, never by the realized size.
-        seed: key of the noise generator. ``None`` draws a fresh 63-bit seed from the OS (``secrets``);
-            pass an int only for reproducible experiments.
+        seed: **insecure, not private** — a fixed key for the noise generator, for reproducible experiments
+            only (whoever knows it can subtract the noise from every release). ``None`` (the default) draws a
+            secret 63-bit key from the OS (``secrets``); it is never saved, and a resumed run draws a new one.
         accountant: optional :class:`~dpsat_fast.accounting.PrivacyAccountant` advanced once per step.
         sample_rate: q, needed with an accountant.
         allow_non_private: permit σ = 0 (no privacy; for debugging and baselines only; ε is then infinite).
@@ -84,11 +90,27 @@ class DPOptimizer(Optimizer):
         self.expected_batch_size = float(expected_batch_size)
         self.accountant = accountant
         self.sample_rate = sample_rate
+        self.insecure_seed = seed is not None
+        if self.insecure_seed:
+            warnings.warn(f"{type(self).__name__}(seed={seed}): the noise key is fixed, so the noise can be "
+                          f"reproduced and removed from every release: this run is NOT private (experiments only; "
+                          f"omit seed for a secret key)", InsecureNoiseWarning, stacklevel=2)
         self.noise_seed = int(seed) if seed is not None else secrets.randbits(63)
         self.noise_offset = 0
         self.steps = 0
         self.sparsity = sparsity
+        self.batch_source = None
+        self._yielded_at_last_step = 0
         engine.noise_planner = self.noise_plan
+
+    def watch_batches(self, loader) -> None:
+        """Check every release against the logical batches ``loader`` (a
+        :class:`~dpsat_fast.data.PoissonDataLoader`) hands out: the hooked layers must see exactly as many
+        examples (leading dimension) as the last batch had. Catches sequence-first tensors (``[T, B, D]``:
+        Poisson batch sizes vary, a fixed T does not) and augmentation copies of one example clipped
+        separately. ``make_private`` calls it with the loader it returns."""
+        self.batch_source = loader
+        self._yielded_at_last_step = int(getattr(loader, "examples_yielded", 0))
 
     # -- torch.optim.Optimizer surface, shared with the wrapped optimizer -------------------------
     @property
@@ -188,6 +210,7 @@ class DPOptimizer(Optimizer):
                     f"the clipping norm changed between backward and step() (clipped with sensitivity {used:g}, the "
                     f"noise would be for {self.engine.clipping.sensitivity:g}); change max_grad_norm between steps")
             self._check_parameter_set()
+            self._check_batch_size()
         except PrivacyConfigError:
             self.engine.clear()
             raise
@@ -210,6 +233,20 @@ class DPOptimizer(Optimizer):
             raise PrivacyConfigError(
                 "the optimizer's parameters changed after the model was made private (param_groups edited); the "
                 "optimizer must hold exactly the engine's trainable parameters")
+
+    def _check_batch_size(self) -> None:
+        source = self.batch_source
+        if source is None or int(source.examples_yielded) == self._yielded_at_last_step:
+            return  # no loader watched, or no new batch since the last step
+        expected, seen = int(source.last_batch_size), self.engine.step_examples
+        if seen != expected:
+            raise PrivacyConfigError(
+                f"the layers of the model saw {seen} examples in this step but the data loader's batch has "
+                f"{expected}: per-example clipping needs the batch as the FIRST dimension of every layer's input "
+                f"(sequence-first tensors [T, B, ...] are clipped per position: use batch_first=True, or "
+                f"dpsat_fast.fix_model for nn.Transformer* layers), each example exactly once per step (several "
+                f"augmented copies of an example are clipped separately), and every example of the batch "
+                f"through the backward; nothing was released")
 
     def privatize_gradients(self, masks: Optional[Dict[torch.Tensor, Tensor]] = None) -> None:
         """Turn the engine's clipped sums of this step into ``p.grad = (sum + σC·ξ) / B̄`` for every trainable
@@ -248,6 +285,8 @@ class DPOptimizer(Optimizer):
             else:
                 self.accountant.step(self._noise_multiplier, self.sample_rate, num_compositions=compositions)
         self.steps += 1
+        if self.batch_source is not None:
+            self._yielded_at_last_step = int(self.batch_source.examples_yielded)
 
     def _run_closure(self, closure: Callable[[], Tensor]):
         """Forward and backward passes of the logical batch; if they raise, the partial sums are discarded."""
@@ -271,14 +310,30 @@ class DPOptimizer(Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self):
+        """The wrapped optimizer's state plus the step count and the public privacy parameters. No secret:
+        the noise key is not in it (a resumed run draws a new one), so it is as shareable as the model."""
         sd = self.original_optimizer.state_dict()
-        sd["dp"] = {"noise_seed": self.noise_seed, "noise_offset": self.noise_offset, "steps": self.steps,
+        sd["dp"] = {"noise_offset": self.noise_offset, "steps": self.steps,
                     "noise_multiplier": self.noise_multiplier, "expected_batch_size": self.expected_batch_size}
         return sd
 
+    @staticmethod
+    def check_state_dict(state_dict) -> None:
+        """Raise ``ValueError`` unless ``state_dict`` is a state of a DP optimizer (validated before loading)."""
+        dp = state_dict.get("dp") if isinstance(state_dict, dict) else None
+        if not isinstance(dp, dict) or not {"steps", "noise_offset"} <= set(dp):
+            raise ValueError("not the state of a dpsat_fast DP optimizer (no 'dp' entry with steps and noise_offset)")
+        for key in ("steps", "noise_offset"):
+            if not isinstance(dp[key], int) or dp[key] < 0:
+                raise ValueError(f"optimizer state: dp[{key!r}] must be a non-negative int, got {dp[key]!r}")
+
     def load_state_dict(self, state_dict) -> None:
+        """Restore a state of :meth:`state_dict`. The noise continues under a NEW secret key (an insecure fixed
+        ``seed`` given at construction is kept, with the saved counter, for reproducible experiments)."""
+        self.check_state_dict(state_dict)
         state_dict = dict(state_dict)
-        dp = state_dict.pop("dp", None)
+        dp = state_dict.pop("dp")
         self.original_optimizer.load_state_dict(state_dict)
-        if dp is not None:
-            self.noise_seed, self.noise_offset, self.steps = dp["noise_seed"], dp["noise_offset"], dp["steps"]
+        self.steps, self.noise_offset = dp["steps"], dp["noise_offset"]
+        if not self.insecure_seed:
+            self.noise_seed = secrets.randbits(63)

@@ -1,4 +1,4 @@
-"""DP-SAT (Park, Kim, Choi, Lee, ICML 2023) and its baselines (DESIGN.md §2.2).
+"""DP-SAT (Park, Kim, Choi, Lee, ICML 2023) and its baselines (docs/algorithms.md §2).
 
 DP-SAT perturbs the weights along the previously RELEASED noisy gradient before taking the per-example
 gradients of a step::
@@ -10,10 +10,11 @@ gradients of a step::
 Because g̃_{t-1} is already public, the perturbation is post-processing: one noisy query per step, the
 privacy cost of DP-SGD, one forward and backward per step.
 
-How the perturbation meets the training loop: the first forward of a logical step (in train mode, with
-gradients enabled) applies ``w ← w + ε_t`` after saving ``w``; every further micro-batch of the step sees
-exactly the same ``w_t + ε_t``; :meth:`DPSAT.step` restores the saved ``w_t`` by copy (bit-exact, no
-leftover perturbation) before the base update. Between steps the weights are unperturbed.
+How the perturbation meets the training loop: it is never written into the parameters. The engine applies
+it functionally in the forward of every hooked module (the layer computes with ``w_t + ε_t`` while recording,
+and its input gradient is that of ``w_t + ε_t``): every forward with gradients of a step — any micro-batch,
+any mode, any sub-module called directly — is at exactly ``w_t + ε_t``, while ``state_dict``, evaluation
+(``no_grad``), checkpoints, rollbacks and dtype/device moves always see ``w_t``.
 
 :class:`DPSAM` is the naive baseline: a noisy gradient at ``w_t`` for the ascent, another at ``w_t + ε``
 for the update; two queries per step (accounted as two compositions), twice the compute.
@@ -49,43 +50,6 @@ def _scaled_to_radius(tensors: List[Tensor], rho: float) -> List[Tensor]:
     return torch._foreach_mul(tensors, rho / (norm + 1e-16))
 
 
-class _Perturbation:
-    """Apply ``w ← w + ε`` remembering ``w`` (one fused pass: backup and update), and restore ``w`` by copy;
-    the backup buffers are allocated once and reused every step."""
-
-    def __init__(self):
-        self.applied = False
-        self._buffers: Optional[List[Tensor]] = None
-
-    @torch.no_grad()
-    def apply(self, params: List[Tensor], eps: List[Tensor]) -> None:
-        if self._buffers is None or len(self._buffers) != len(params) or any(
-                b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(self._buffers, params)):
-            self._buffers = [torch.empty_like(p) for p in params]
-        ops.multi_tensor_perturb_(params, self._buffers, eps, 1.0)
-        self.applied = True
-
-    @torch.no_grad()
-    def restore(self, params: List[Tensor]) -> None:
-        if self.applied:
-            torch._foreach_copy_(params, self._buffers)
-            self.applied = False
-
-
-class _PerturbBeforeForward:
-    """Forward pre-hook of the model; a deep copy of the model gets an inert hook (it is a plain model)."""
-
-    def __init__(self, optimizer: "DPSAT"):
-        self.optimizer = optimizer
-
-    def __call__(self, module, args) -> None:
-        if self.optimizer is not None:
-            self.optimizer._before_forward(module, args)
-
-    def __deepcopy__(self, memo):
-        return _PerturbBeforeForward(None)
-
-
 class DPSAT(DPOptimizer):
     """DP-SGD with sharpness-aware perturbation along the previous noisy gradient.
 
@@ -102,62 +66,52 @@ class DPSAT(DPOptimizer):
         self.rho = check_rho(rho)
         self.direction = direction
         self.perturbation: Optional[List[Tensor]] = None  # ε_t, one tensor per trainable parameter
-        self._state = _Perturbation()
-        self._hook = engine.module.register_forward_pre_hook(_PerturbBeforeForward(self))
-
-    def _before_forward(self, module, args) -> None:
-        if self.perturbation is not None and not self._state.applied and module.training \
-                and torch.is_grad_enabled():
-            self._state.apply(self._trainable(), self.perturbation)
 
     @property
     def perturbed(self) -> bool:
-        """True between the first forward of a step and :meth:`step`."""
-        return self._state.applied
+        """True when the forwards of the current step compute at ``w_t + ε_t`` (the parameters stay ``w_t``)."""
+        return self.engine.perturbation is not None
+
+    def _set_perturbation(self, eps: Optional[List[Tensor]]) -> None:
+        self.perturbation = eps
+        self.engine.set_perturbation(None if eps is None else dict(zip(self._trainable(), eps)))
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         params = self._trainable()
-        self._state.restore(params)  # masks are chosen at w_t, before anything of this step is read
-        masks = self.select_masks()
-        try:
-            loss = self._run_closure(closure) if closure is not None else None
-        finally:
-            self._state.restore(params)
+        masks = self.select_masks()  # chosen at w_t, before anything of this step is read
+        loss = self._run_closure(closure) if closure is not None else None
         self.privatize_gradients(masks)
-        released = [p.grad for p in params]
         if self.direction == "noisy_gradient":
-            self.perturbation = _scaled_to_radius(released, self.rho) if self.rho > 0 else None
+            eps = _scaled_to_radius([p.grad for p in params], self.rho) if self.rho > 0 else None
         else:
             before = [p.detach().clone() for p in params] if self.rho > 0 else None
         self.original_optimizer.step()
         self._after_update()
-        if self.direction == "last_update" and self.rho > 0:
-            self.perturbation = _scaled_to_radius(torch._foreach_sub(before, [p.detach() for p in params]),
-                                                  self.rho)
+        if self.direction == "last_update":
+            eps = (_scaled_to_radius(torch._foreach_sub(before, [p.detach() for p in params]), self.rho)
+                   if self.rho > 0 else None)
+        self._set_perturbation(eps)
         self._account()
         return loss
 
     def detach(self) -> None:
-        """Remove the forward hook (restoring weights first if a step is half done)."""
-        self._state.restore(self._trainable())
-        self._hook.remove()
+        """Stop perturbing the forwards (the parameters were never perturbed)."""
+        self.engine.set_perturbation(None)
 
     def state_dict(self):
-        if self._state.applied:
-            raise RuntimeError("state_dict() between a forward and step(): the weights are perturbed; "
-                               "checkpoint after step()")
         sd = super().state_dict()
         sd["dpsat"] = {"rho": self.rho, "direction": self.direction, "perturbation": self.perturbation}
         return sd
 
     def load_state_dict(self, state_dict) -> None:
+        self.check_state_dict(state_dict)
         state_dict = dict(state_dict)
         sat = state_dict.pop("dpsat", None)
         super().load_state_dict(state_dict)
         if sat is not None:
             eps = sat["perturbation"]
             params = self._trainable()
-            self.perturbation = None if eps is None else [e.to(p.device, p.dtype) for e, p in zip(eps, params)]
+            self._set_perturbation(None if eps is None else [e.to(p.device, p.dtype) for e, p in zip(eps, params)])
 
 
 class DPSAM(DPOptimizer):
@@ -176,15 +130,15 @@ class DPSAM(DPOptimizer):
         masks = self.select_masks()
         self._run_closure(closure)
         self.privatize_gradients(masks)  # query 1: g̃ at w_t
-        state = _Perturbation()
         if self.rho > 0:
-            state.apply(params, _scaled_to_radius([p.grad for p in params], self.rho))
+            eps = _scaled_to_radius([p.grad for p in params], self.rho)
+            self.engine.set_perturbation(dict(zip(params, eps)))
         self.zero_grad(set_to_none=True)
         try:
             loss = self._run_closure(closure)
+            self.privatize_gradients(masks)  # query 2: g̃ at w_t + ε
         finally:
-            state.restore(params)
-        self.privatize_gradients(masks)  # query 2: g̃ at w_t + ε
+            self.engine.set_perturbation(None)
         self.original_optimizer.step()
         self._after_update()
         self._account(compositions=2)
