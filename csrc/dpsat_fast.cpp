@@ -38,7 +38,7 @@ TORCH_LIBRARY(dpsat_fast, m) {
   // out[k, j] = word k of tl.randint4x(seed, offset + j) as a uint32 value; out is int64 (4, n).
   m.def("philox_uint32_(Tensor(a!) out, int seed, int offset) -> ()");
 
-  // Per-sample gradient ops (DESIGN.md §2.3-2.4; documented in dpsat_fast/ops/per_sample.py). Weight
+  // Per-sample gradient ops (docs/algorithms.md §3–4; documented in dpsat_fast/ops/per_sample.py). Weight
   // gradients G_i = g_iᵀ a_i: Linear a [B, T, D], g [B, T, P]; convolutions x [B, C, *S], g
   // [B, C_out, *S_out] with numeric symmetric padding. Results are float32 (float64 for float64
   // inputs); an output that was not asked for is an empty tensor. Noise xi[j] = tl.randn(seed,
