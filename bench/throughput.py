@@ -5,7 +5,7 @@ model's real shape, random labels, cross-entropy with reduction "mean"). Provide
 
 - ``nonprivate``    plain PyTorch.
 - ``dpsat_fast``    this project's book-keeping engine + DPOptimizer (ghost norms, one backward).
-- ``dpsat_fast_sat``  the same with the DP-SAT optimizer (ρ = ``--rho``): perturb, forward/backward, restore.
+- ``dpsat_fast_sat``  the same with the DP-SAT optimizer (ρ = ``--rho``; the layers compute at w + ε).
 - ``dpsat_fast_per_layer``  DP-SGD with per-layer clipping: each layer clipped and summed during the backward.
 - ``opacus_hooks``  Opacus 1.6 ``grad_sample_mode="hooks"``: materialized per-sample gradients.
 - ``opacus_ghost``  Opacus 1.6 ``grad_sample_mode="ghost"``: fast gradient / ghost clipping, two backwards.
@@ -24,6 +24,12 @@ Usage::
     python bench/throughput.py --models resnet18_gn wrn16_4_gn --batch-sizes 32 64 \
         --providers nonprivate dpsat_fast opacus_hooks opacus_ghost torch_func \
         --device cpu --warmup 2 --iters 5 --out bench/results/throughput_cpu.json
+
+``--baseline TREE`` also runs every dpsat_fast provider from TREE, a checkout of an earlier commit with its
+extension built in place (``git worktree add TREE COMMIT && cd TREE && python setup.py build_ext --inplace``),
+as ``<provider>@baseline``, interleaved with the current code in every round: a change's cost as ratios of
+one run. Rows of dpsat_fast providers report ``fallback_examples`` (certified norms recomputed exactly;
+ordinary training: 0).
 
 ``--verify`` checks, instead of timing, that each DP provider's update gradient equals the torch.func
 clipped mean (σ = 0) and that its noise has std σC/B (σ = 1).
@@ -433,6 +439,8 @@ def run_job(model_name: str, batch_size: int, provider_name: str, device: str, w
                    examples_per_s=batch_size / (median_ms / 1e3), times_ms=times)
         if dev.type == "cpu" and measure_cpu_memory:
             row["peak_mb"] = _peak_rss_mb() - baseline_mb
+        if provider_name.startswith("dpsat_fast"):
+            row["fallback_examples"] = _fallback_examples()
     except ProviderSkipped as exc:
         row.update(status="skipped", error=str(exc))
     except torch.cuda.OutOfMemoryError as exc:
@@ -450,6 +458,16 @@ def run_job(model_name: str, batch_size: int, provider_name: str, device: str, w
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def _fallback_examples() -> int | None:
+    """Examples whose certified clipping norm was loose enough to be recomputed exactly, over all steps of the
+    job (ordinary training: 0). None for a dpsat_fast without certified norms (an older baseline)."""
+    try:
+        from dpsat_fast.layers.bounds import fallback_counts
+    except ImportError:
+        return None
+    return int(sum(fallback_counts.values()))
 
 
 BASELINE_SUFFIX = "@baseline"
@@ -483,7 +501,9 @@ def _worker_main(job_json: str) -> None:
     job = json.loads(job_json)
     job["cfg"] = StepConfig(**job["cfg"])
     torch.set_num_threads(job.pop("threads"))
-    print(json.dumps(run_job(**job)), flush=True)
+    row = run_job(**job)
+    row["dpsat_fast_dir"] = str(Path(dpsat_fast.__file__).resolve().parent.parent)  # which tree ran
+    print(json.dumps(row), flush=True)
 
 
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:

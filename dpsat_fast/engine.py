@@ -5,7 +5,8 @@ custom autograd function. During ``loss.backward()`` autograd computes only inpu
 records, per use of its module, what determines the per-example parameter gradients (layer input and
 output gradient, or the small per-example gradients of norm layers). When the backward ends the engine
 
-1. computes per-example squared norms of every trainable parameter (ghost or instantiate route),
+1. computes per-example squared norms of every trainable parameter (ghost or instantiate route), each a
+   certified upper bound of what the clipped sum adds for the example, rounding included (docs/privacy.md),
 2. turns them into per-example scales with the clipping style (flat: ``min(1, C/(‖g_i‖+1e-6))``),
 3. writes the clipped sum ``Σ_i c_i G_i`` (one GEMM with a per-row scale per layer) into
    :attr:`BookKeepingEngine.summed_grads`, accumulating over backward passes (micro-batches).
@@ -15,7 +16,8 @@ size. The Gaussian noise is added exactly once per parameter and step: when an o
 :attr:`noise_planner`, the first backward of a step adds it in the epilogue of the clipped-sum kernels (the
 offsets the optimizer would use itself, so the bits are the same either way); otherwise the optimizer adds
 it when it releases the gradient. A parameter used by several modules (tied weights) is handled exactly by
-summing materialized per-example gradients over its owners.
+summing materialized per-example gradients over its owners. DP-SAT's perturbation (:meth:`set_perturbation`)
+is applied inside the hooked forwards and never written into the parameters.
 """
 
 from __future__ import annotations
