@@ -169,7 +169,7 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
         budget = dict(noise_multiplier=args.noise_multiplier)
     privacy_engine = PrivacyEngine(args.accountant)
     model, optimizer, loader = privacy_engine.make_private(
-        module=model, optimizer=base, data_loader=loader, max_grad_norm=args.max_grad_norm, loss_reduction="sum",
+        module=model, optimizer=base, data_loader=loader, max_grad_norm=args.max_grad_norm, loss_reduction="mean",
         clipping=args.clipping, sparsity=sparsity,
         seed=insecure, sam_rho=0.0 if args.method == "dpsgd" else args.rho,
         sam_method="dpsam" if args.method == "dpsam" else "dpsat", **budget)
@@ -188,10 +188,10 @@ def train(args: argparse.Namespace) -> Dict[str, float]:
                 for x, y in split_micro_batches(batch, args.physical_batch_size):
                     if len(y) == 0:
                         continue
-                    loss = F.cross_entropy(model(x), y, reduction="sum")
+                    loss = F.cross_entropy(model(x), y)  # mean over the micro-batch (loss_reduction="mean")
                     loss.backward()
-                    total += loss.item()
-                    loss_sum, seen = loss_sum + loss.item(), seen + len(y)
+                    total += loss.item() * len(y)
+                    loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
                 return total
 
             optimizer.step(closure)

@@ -46,6 +46,12 @@ class DPOptimizer(Optimizer):
         sparsity: optional :class:`~dpsat_fast.pruning.Sparsity` (pre-pruning, gradient dropping): each step
             releases only its kept coordinates (the noise of the others is dropped with them). Its masks are
             chosen at the start of the step, from the weights and earlier noisy gradients only.
+        loss_reduction: ``"mean"`` (default): the noisy sum is divided by B̄; ``"sum"``: it is released as is
+            (Opacus' meaning of the two).
+
+    Opacus' protocol works too: ``pre_step()`` releases the gradient into ``p.grad`` and accounts it (returns
+    False for a step skipped with ``signal_skip_step``), ``original_optimizer.step()`` then updates;
+    ``step_hook(optimizer)`` is called after every release.
 
     Every check of a step (σ, C, the parameter set, the accountant's inputs) runs before any gradient is
     released or any weight changes; ``noise_multiplier`` and ``max_grad_norm`` are also checked when set.
@@ -55,7 +61,11 @@ class DPOptimizer(Optimizer):
 
     def __init__(self, optimizer: Optimizer, *, engine: BookKeepingEngine, noise_multiplier: float,
                  expected_batch_size: float, seed: Optional[int] = None, accountant=None,
-                 sample_rate: Optional[float] = None, allow_non_private: bool = False, sparsity=None):
+                 sample_rate: Optional[float] = None, allow_non_private: bool = False, sparsity=None,
+                 loss_reduction: str = "mean"):
+        if loss_reduction not in ("mean", "sum"):
+            raise PrivacyConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
         self.allow_non_private = bool(allow_non_private)
         check_noise_multiplier(noise_multiplier, allow_zero=self.allow_non_private)
         if not (isinstance(expected_batch_size, (int, float)) and math.isfinite(expected_batch_size)
@@ -101,6 +111,10 @@ class DPOptimizer(Optimizer):
         self.sparsity = sparsity
         self.batch_source = None
         self._yielded_at_last_step = 0
+        #: called with the optimizer after every release (Opacus' hook; e.g. a scheduler or a logger)
+        self.step_hook: Optional[Callable[["DPOptimizer"], None]] = None
+        self._skip_next_step = False
+        self._is_last_step_skipped = False
         engine.noise_planner = self.noise_plan
 
     def watch_batches(self, loader) -> None:
@@ -145,9 +159,32 @@ class DPOptimizer(Optimizer):
             "with all its parameter groups before make_private")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameters' gradients and discard everything the engine recorded since the last step."""
-        self.engine.clear()
+        """Clear the parameters' gradients and discard everything the engine recorded since the last step
+        (after a step skipped with :meth:`signal_skip_step` the clipped sums are kept: they belong to the
+        logical batch in progress)."""
+        if not self._is_last_step_skipped:
+            self.engine.clear()
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Make the next :meth:`step` / :meth:`pre_step` a no-op that keeps the clipped sums (a physical batch
+        that is not the last of its logical batch: :class:`~dpsat_fast.utils.BatchMemoryManager` calls it)."""
+        self._skip_next_step = bool(do_skip)
+
+    def _skipping(self) -> bool:
+        """Consume a pending skip signal: True if this step is skipped."""
+        if self._skip_next_step:
+            self._skip_next_step = False
+            self._is_last_step_skipped = True
+            return True
+        self._is_last_step_skipped = False
+        return False
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Opacus' count of backward passes per release without virtual steps: always 1 here (micro-batches
+        of a logical batch are summed by the engine and released once)."""
+        return 1
 
     # -- privacy parameters, checked when set ------------------------------------------------------
     @property
@@ -254,7 +291,8 @@ class DPOptimizer(Optimizer):
         where given. Called once per logical step by :meth:`step`; everything is checked first, and no
         ``p.grad`` is written unless all of them can be."""
         self.check_release()
-        plan, inv_batch = self.noise_plan(), 1.0 / self.expected_batch_size
+        plan = self.noise_plan()
+        inv_batch = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         released = self.engine.release(list(plan.offsets))
         grads = {}
         for p, offset in plan.offsets.items():
@@ -297,15 +335,30 @@ class DPOptimizer(Optimizer):
             self.engine.clear()
             raise
 
+    def pre_step(self, masks: Optional[Dict[torch.Tensor, Tensor]] = None) -> bool:
+        """Release this step's gradient into ``p.grad`` (checked, noised once, divided by B̄) and account it,
+        without updating the weights; False (nothing released) for a step skipped by
+        :meth:`signal_skip_step`. Opacus' protocol: ``if optimizer.pre_step(): original_optimizer.step()``."""
+        if self._skipping():
+            return False
+        self.privatize_gradients(self.select_masks() if masks is None else masks)
+        self._account()
+        self._after_release()
+        return True
+
+    def _after_release(self) -> None:
+        if self.step_hook is not None:
+            self.step_hook(self)
+
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """One logical step: run ``closure`` (forward + backward of all micro-batches) if given, add noise once,
-        update, advance the accountant."""
-        masks = self.select_masks()
+        update, advance the accountant. A step skipped by :meth:`signal_skip_step` only runs the closure."""
+        masks = self.select_masks() if not self._skip_next_step else None
         loss = self._run_closure(closure) if closure is not None else None
-        self.privatize_gradients(masks)
+        if not self.pre_step(masks):
+            return loss
         self.original_optimizer.step()
         self._after_update()
-        self._account()
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------------

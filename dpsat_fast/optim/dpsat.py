@@ -78,8 +78,11 @@ class DPSAT(DPOptimizer):
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         params = self._trainable()
-        masks = self.select_masks()  # chosen at w_t, before anything of this step is read
+        # masks are chosen at w_t, before anything of this step is read
+        masks = self.select_masks() if not self._skip_next_step else None
         loss = self._run_closure(closure) if closure is not None else None
+        if self._skipping():
+            return loss
         self.privatize_gradients(masks)
         if self.direction == "noisy_gradient":
             eps = _scaled_to_radius([p.grad for p in params], self.rho) if self.rho > 0 else None
@@ -92,7 +95,23 @@ class DPSAT(DPOptimizer):
                    if self.rho > 0 else None)
         self._set_perturbation(eps)
         self._account()
+        self._after_release()
         return loss
+
+    def pre_step(self, masks=None) -> bool:
+        """Opacus' protocol: release and account this step's gradient and prepare the next perturbation
+        (along the released gradient); the caller then runs ``original_optimizer.step()``."""
+        if self.direction != "noisy_gradient":
+            raise PrivacyConfigError("pre_step() with direction='last_update': the perturbation needs the update "
+                                     "itself; call optimizer.step() instead")
+        if self._skipping():
+            return False
+        self.privatize_gradients(self.select_masks() if masks is None else masks)
+        params = self._trainable()
+        self._set_perturbation(_scaled_to_radius([p.grad for p in params], self.rho) if self.rho > 0 else None)
+        self._account()
+        self._after_release()
+        return True
 
     def detach(self) -> None:
         """Stop perturbing the forwards (the parameters were never perturbed)."""
@@ -126,6 +145,9 @@ class DPSAM(DPOptimizer):
         if closure is None:
             raise PrivacyConfigError("DPSAM.step needs a closure (forward + backward of the logical batch): it "
                                      "evaluates the batch twice per step")
+        if self._skip_next_step:
+            raise PrivacyConfigError("DPSAM cannot skip steps (BatchMemoryManager): its closure must run the whole "
+                                     "logical batch, e.g. over dpsat_fast.data.split_micro_batches(batch, n)")
         params = self._trainable()
         masks = self.select_masks()
         self._run_closure(closure)
@@ -142,4 +164,9 @@ class DPSAM(DPOptimizer):
         self.original_optimizer.step()
         self._after_update()
         self._account(compositions=2)
+        self._after_release()
         return loss
+
+    def pre_step(self, masks=None) -> bool:
+        raise PrivacyConfigError("DPSAM has no pre_step(): it releases two gradients per step; call "
+                                 "optimizer.step(closure)")
