@@ -201,7 +201,7 @@ def test_calibration_bad_target_raises(target):
         (dict(delta=0.0), "delta"),
         (dict(sample_rate=1.5), "sample_rate"),
         (dict(steps=0), "steps"),
-        (dict(accountant="gdp"), "accountant"),
+        (dict(accountant="moments"), "accountant"),
         (dict(rtol=0.0), "rtol"),
         (dict(compositions_per_step=0), "compositions_per_step"),
     ],
@@ -261,7 +261,7 @@ def test_bad_accountant_and_compositions():
     with pytest.raises(ValueError, match="compositions_per_step"):
         compute_epsilon(1.0, 0.01, 10, DELTA, compositions_per_step=0)
     with pytest.raises(ValueError, match="mechanism"):
-        PrivacyAccountant("gdp")
+        PrivacyAccountant("moments")
     with pytest.raises(ValueError, match="num_compositions"):
         PrivacyAccountant().step(1.0, 0.01, num_compositions=0)
 
@@ -324,7 +324,8 @@ def _assert_plain(obj):
         assert type(obj) in (str, int, float), type(obj)
 
 
-@pytest.mark.parametrize("mechanism", ["rdp", "pld"])
+@pytest.mark.filterwarnings("ignore::dpsat_fast.accounting.AccountantSubstitutionWarning")
+@pytest.mark.parametrize("mechanism", ["rdp", "pld", "prv", "gdp"])
 def test_state_dict_round_trip_weights_only(mechanism):
     led = _filled_ledger(mechanism)
     sd = led.state_dict()
@@ -335,7 +336,8 @@ def test_state_dict_round_trip_weights_only(mechanism):
     loaded = torch.load(buf, weights_only=True)["accountant"]
     fresh = PrivacyAccountant()  # mechanism comes from the state
     fresh.load_state_dict(loaded)
-    assert fresh.mechanism == mechanism
+    assert fresh.mechanism() == fresh.name == mechanism  # the requested name survives the round trip
+    assert fresh.method == accounting.ACCOUNTANT_METHODS[mechanism]
     assert fresh.steps == led.steps
     assert fresh.history == led.history
     assert fresh.get_epsilon(DELTA) == led.get_epsilon(DELTA)
@@ -357,6 +359,10 @@ def test_state_dict_round_trip_weights_only(mechanism):
         lambda sd: sd["history"].append([1.0, 0.01, 0]),
         lambda sd: sd["history"].append([1.0, 0.01]),
         lambda sd: sd.__setitem__("version", 99),
+        lambda sd: sd.__setitem__("version", True),
+        lambda sd: sd.__setitem__("method", "rdp"),  # "pld" is not computed with RDP
+        lambda sd: sd.__setitem__("history", "[]"),
+        lambda sd: sd.update(version=1, mechanism="prv", method=None) or sd.pop("method"),  # v1 knew pld/rdp only
     ],
 )
 def test_load_state_dict_rejects_bad_state(mutate):
@@ -371,3 +377,205 @@ def test_load_state_dict_rejects_bad_state(mutate):
 def test_epsilon_is_finite_float():
     eps = compute_epsilon(2.0, 0.01, 100, DELTA)
     assert isinstance(eps, float) and math.isfinite(eps) and eps > 0
+
+
+# ---------------------------------------------------------------------------
+# Opacus' accountant names and interface (comparisons with Opacus itself are
+# in test_opacus_accounting.py)
+# ---------------------------------------------------------------------------
+
+SUB_WARNING = accounting.AccountantSubstitutionWarning
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Forget which substitution warnings this process has already given."""
+    monkeypatch.setattr(accounting, "_WARNED_SUBSTITUTIONS", set())
+
+
+def test_accountant_names_and_methods():
+    assert set(accounting.ACCOUNTANTS) == {"pld", "rdp", "prv", "gdp"}
+    assert accounting.ACCOUNTANT_METHODS == {"pld": "pld", "rdp": "rdp", "prv": "pld", "gdp": "pld"}
+
+
+@pytest.mark.filterwarnings("ignore::dpsat_fast.accounting.AccountantSubstitutionWarning")
+@pytest.mark.parametrize("requested, method", [("pld", "pld"), ("rdp", "rdp"), ("PRV", "pld"), ("gdp", "pld")])
+def test_mechanism_is_a_method_returning_the_requested_name(requested, method):
+    led = PrivacyAccountant(requested)
+    assert callable(led.mechanism)
+    assert led.mechanism() == led.name == requested.lower()
+    assert led.method == method
+    with pytest.raises(AttributeError):
+        led.name = "rdp"  # read-only: name and method always agree
+    with pytest.raises(AttributeError):
+        led.method = "rdp"
+    assert requested.lower() in repr(led)
+
+
+def test_prv_and_gdp_report_the_pld_epsilon(fresh_warnings):
+    want = compute_epsilon(2.5, 0.01, 300, DELTA, "pld")
+    assert compute_epsilon(2.5, 0.01, 300, DELTA, "prv") == want
+    with pytest.warns(SUB_WARNING, match="under-report|several times less"):
+        assert compute_epsilon(2.5, 0.01, 300, DELTA, "gdp") == want
+    for name in ("prv", "gdp"):
+        led = PrivacyAccountant(name)
+        for _ in range(300):
+            led.step(noise_multiplier=2.5, sample_rate=0.01)
+        assert led.get_epsilon(DELTA) == want
+
+
+def test_gdp_warns_once_per_process_and_prv_never(fresh_warnings):
+    import warnings as _warnings
+
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        PrivacyAccountant("prv")
+        compute_epsilon(3.0, 0.01, 10, DELTA, "prv")
+        PrivacyAccountant("gdp")
+        PrivacyAccountant("gdp")
+        compute_epsilon(3.0, 0.01, 10, DELTA, "gdp")
+        calibrate_noise_multiplier(3.0, DELTA, 0.01, 10, accountant="gdp")
+    subs = [w for w in caught if issubclass(w.category, SUB_WARNING)]
+    assert len(subs) == 1 and "'gdp'" in str(subs[0].message)
+
+
+@pytest.mark.filterwarnings("ignore::dpsat_fast.accounting.AccountantSubstitutionWarning")
+@pytest.mark.parametrize("name", ["prv", "gdp"])
+def test_calibration_with_opacus_names_is_pld_calibration(name):
+    want = calibrate_noise_multiplier(3.0, DELTA, 0.05, 2000, accountant="pld")
+    assert calibrate_noise_multiplier(3.0, DELTA, 0.05, 2000, accountant=name) == want
+    led = PrivacyAccountant(name)
+    assert calibrate_noise_multiplier(3.0, DELTA, 0.05, 2000, accountant=led.method) == want
+    # ``accountant=ledger.mechanism`` (the method itself, as PrivacyEngine passed the old string attribute)
+    assert calibrate_noise_multiplier(3.0, DELTA, 0.05, 2000, accountant=led.mechanism) == want
+    with pytest.raises(ValueError, match="accountant"):
+        calibrate_noise_multiplier(3.0, DELTA, 0.05, 2000, accountant=lambda: "pld")
+
+
+def test_version_1_state_loads():
+    """A state written before the Opacus names existed (version 1) loads unchanged."""
+    v1 = {"version": 1, "mechanism": "rdp", "steps": 7, "non_private_steps": 0,
+          "history": [[2.5, 0.01, 3], [2.5, 0.02, 2], [4.0, 0.02, 2], [2.5, 0.01, 1]]}
+    led = PrivacyAccountant()
+    led.load_state_dict(v1)
+    assert led.mechanism() == "rdp" and led.method == "rdp" and led.steps == 7
+    assert led.get_epsilon(DELTA) == _filled_ledger("rdp").get_epsilon(DELTA)
+    sd = led.state_dict()
+    assert sd["version"] == 2 and sd["mechanism"] == "rdp" and sd["method"] == "rdp"
+    no_version = {k: v for k, v in v1.items() if k not in ("version", "non_private_steps")}
+    fresh = PrivacyAccountant("pld")
+    fresh.load_state_dict(no_version)
+    assert fresh.name == "rdp" and fresh.history == led.history
+
+
+def test_keyword_step_and_opacus_history():
+    led = PrivacyAccountant("rdp")
+    for sigma, q in [(1.0, 0.01)] * 3 + [(1.5, 0.01)] * 2 + [(1.0, 0.01)]:
+        led.step(noise_multiplier=sigma, sample_rate=q)
+    # Opacus' (noise_multiplier, sample_rate, num_steps) entries, merged the same way.
+    assert [tuple(e) for e in led.history] == [(1.0, 0.01, 3), (1.5, 0.01, 2), (1.0, 0.01, 1)]
+    for sigma, q, n in led.history:  # unpacks like Opacus' tuples
+        assert n >= 1
+    assert len(led) == 6
+
+
+def test_get_privacy_spent_conventions():
+    rdp_led, pld_led = PrivacyAccountant("rdp"), PrivacyAccountant("pld")
+    assert rdp_led.get_privacy_spent(delta=DELTA) == (0.0, 0.0)  # Opacus' RDP before any step
+    assert pld_led.get_privacy_spent(delta=DELTA) == (0.0, None)
+    for led in (rdp_led, pld_led):
+        for _ in range(100):
+            led.step(noise_multiplier=2.0, sample_rate=0.02)
+    eps, alpha = rdp_led.get_privacy_spent(delta=DELTA)
+    assert eps == rdp_led.get_epsilon(DELTA) == compute_epsilon(2.0, 0.02, 100, DELTA, "rdp")
+    assert isinstance(alpha, float) and alpha in RDP_ORDERS
+    # α attains ε: RDP at the single order α gives the same ε.
+    single = rdp.RdpAccountant(orders=[alpha])
+    single.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(2.0)), 100))
+    assert eps == pytest.approx(single.get_epsilon(DELTA), rel=1e-12)
+    eps_pld, none = pld_led.get_privacy_spent(delta=DELTA)
+    assert none is None and eps_pld == pld_led.get_epsilon(DELTA)
+    rdp_led.record_non_private_step()
+    eps, alpha = rdp_led.get_privacy_spent(delta=DELTA)
+    assert eps == math.inf and math.isnan(alpha)
+    with pytest.raises(TypeError):
+        rdp_led.get_privacy_spent(DELTA)  # keyword-only, as Opacus
+
+
+def test_opacus_query_keywords():
+    led = PrivacyAccountant("rdp")
+    for _ in range(50):
+        led.step(2.0, 0.02)
+    alphas = [1.5, 2.0, 4.0, 8.0, 16.0, 32.0]
+    acc = rdp.RdpAccountant(orders=alphas)
+    acc.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(2.0)), 50))
+    want_eps, want_alpha = acc.get_epsilon_and_optimal_order(DELTA)
+    assert led.get_epsilon(DELTA, alphas=alphas) == pytest.approx(want_eps, rel=1e-12)
+    assert led.get_privacy_spent(delta=DELTA, alphas=alphas) == pytest.approx((want_eps, want_alpha), rel=1e-12)
+    assert led.get_epsilon(DELTA, alphas=alphas) >= led.get_epsilon(DELTA)  # the default grid is finer
+    pld_led = PrivacyAccountant("prv")
+    pld_led.step(2.0, 0.02)
+    base = pld_led.get_epsilon(DELTA)
+    # PRV's precision knobs and alphas are accepted and ignored (as Opacus' PRV ignores alphas).
+    assert pld_led.get_epsilon(DELTA, eps_error=0.1, delta_error=1e-9, alphas=alphas, poisson=True) == base
+    for bad in (dict(poisson=False), dict(eps_error=0.0), dict(delta_error=float("nan")),
+                dict(alphas=[0.5, 2.0]), dict(alphas=[]), dict(alphas="2.0"), dict(alphas=[2.0, float("inf")])):
+        with pytest.raises(ValueError):
+            led.get_epsilon(DELTA, **bad)
+    with pytest.raises(TypeError, match="unexpected"):
+        led.get_epsilon(DELTA, orders=alphas)
+
+
+def _hooked_optimizer(ledger_of_optimizer=None, sample_rate=0.1):
+    from dpsat_fast.engine import BookKeepingEngine
+    from dpsat_fast.optim import DPOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    engine = BookKeepingEngine(model, max_grad_norm=1.0)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), engine=engine, noise_multiplier=1.3,
+                      expected_batch_size=4.0, accountant=ledger_of_optimizer,
+                      sample_rate=sample_rate if ledger_of_optimizer is not None else None)
+    return model, opt
+
+
+def _train_steps(model, opt, steps):
+    for _ in range(steps):
+        model(torch.randn(4, 4)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_optimizer_hook_fn_records_each_release_once():
+    ledger = PrivacyAccountant("rdp")
+    model, opt = _hooked_optimizer()
+    opt.step_hook = ledger.get_optimizer_hook_fn(sample_rate=0.1)
+    _train_steps(model, opt, 3)
+    assert ledger.steps == 3 and ledger.history == [[1.3, 0.1, 3]]
+    # An optimizer that accounts into this very ledger is not counted twice.
+    ledger2 = PrivacyAccountant("rdp")
+    model, opt = _hooked_optimizer(ledger2)
+    opt.step_hook = ledger2.get_optimizer_hook_fn(sample_rate=0.1)
+    _train_steps(model, opt, 3)
+    assert ledger2.steps == 3 and ledger2.history == [[1.3, 0.1, 3]]
+    with pytest.raises(ValueError, match="sample_rate"):
+        ledger.get_optimizer_hook_fn(sample_rate=0.0)
+
+
+def test_optimizer_hook_fn_conventions():
+    from types import SimpleNamespace
+
+    from dpsat_fast.optim import DPSAM
+
+    ledger = PrivacyAccountant("rdp")
+    hook = ledger.get_optimizer_hook_fn(sample_rate=0.01)
+    hook(SimpleNamespace(noise_multiplier=2.0, accumulated_iterations=3))  # Opacus: q · accumulated_iterations
+    hook(SimpleNamespace(noise_multiplier=2.0))
+    sam = DPSAM.__new__(DPSAM)  # attributes only: the hook reads σ and the class
+    sam.__dict__.update(_noise_multiplier=2.0, accountant=None)
+    hook(sam)
+    assert ledger.history == [[2.0, 0.03, 1], [2.0, 0.01, 3]] and ledger.steps == 3  # DP-SAM: two compositions
+    hook(SimpleNamespace(noise_multiplier=0.0))
+    assert ledger.get_epsilon(DELTA) == math.inf and ledger.steps == 4

@@ -76,7 +76,7 @@ class EmbeddingRule(LayerRule):
         keys = (example * V + idx).reshape(-1)
         unique, inverse = torch.unique(keys, return_inverse=True)
         rows = torch.zeros(unique.numel(), g.shape[-1], dtype=g.dtype, device=g.device)
-        rows.index_add_(0, inverse, g.reshape(B * T, -1))  # one row per (example, index)
+        rows.index_add_(0, inverse, g.reshape(B * T, g.shape[-1]))  # one row per (example, index)
         record.cache["rows"] = (unique // V, unique % V, rows)
         return record.cache["rows"]
 
