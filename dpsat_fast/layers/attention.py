@@ -70,6 +70,16 @@ class DPMultiheadAttention(nn.Module):
                     lin.bias.copy_(b)
                 new.out_proj.bias.copy_(mha.out_proj.bias)
             new.out_proj.weight.copy_(mha.out_proj.weight)
+        # frozen stays frozen: each projection trains iff the packed tensor it came from did
+        in_weights = ((mha.in_proj_weight,) * 3 if mha._qkv_same_embed_dim
+                      else (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight))
+        for lin, w in zip((new.q_proj, new.k_proj, new.v_proj), in_weights):
+            lin.weight.requires_grad_(w.requires_grad)
+            if lin.bias is not None:
+                lin.bias.requires_grad_(mha.in_proj_bias.requires_grad)
+        new.out_proj.weight.requires_grad_(mha.out_proj.weight.requires_grad)
+        if new.out_proj.bias is not None:
+            new.out_proj.bias.requires_grad_(mha.out_proj.bias.requires_grad)
         new.train(mha.training)
         return new
 

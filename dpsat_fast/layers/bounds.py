@@ -25,6 +25,7 @@ sum (so no ``κ·S_i`` term either). :data:`fallback_counts` counts such example
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Sequence, Tuple
 
@@ -89,7 +90,7 @@ def conv_position_products(xs: Sequence[Tensor], gs: Sequence[Tensor], weight_sh
         ones = torch.ones((groups, 1) + tuple(weight_shape[2:]), dtype=torch.float64, device=x.device)
         patch = conv(_group_sq64(x, groups), ones, None, tuple(stride), tuple(padding), tuple(dilation), groups)
         patch = patch.clamp_min(0).flatten(2)  # [B, G, T]
-        gg = _row_sq_norms64(g.reshape(B, groups, g.shape[1] // groups, -1), (2,))  # [B, G, T]
+        gg = _row_sq_norms64(g.reshape(B, groups, g.shape[1] // groups, math.prod(g.shape[2:])), (2,))  # [B, G, T]
         s_k = (patch * gg).sqrt().sum(2)  # [B, G]
         total = s_k if total is None else total + s_k
     return total.pow(2).sum(1).sqrt() * _S_ROUND_UP

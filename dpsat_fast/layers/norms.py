@@ -122,6 +122,9 @@ class GroupNormRule(_NormRule):
     module_types = (nn.GroupNorm,)
     channel_first = True
 
+    def min_input_dim(self, param: Tensor) -> int:
+        return 2  # [B, C] (no spatial dimension) is a valid GroupNorm input
+
     def normalize(self, module, x):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
 
