@@ -605,10 +605,9 @@ def _loader_index_set(sampler: Any, dataset_len: int) -> Optional[np.ndarray]:
     data = torch.utils.data
     if isinstance(sampler, data.DistributedSampler):
         raise ValueError(
-            "from_data_loader: the loader uses a DistributedSampler; distributed Poisson sampling is not "
-            "supported yet (each rank would have to sample its shard at the global rate q = B/N; a later "
-            "release handles it). For now, run a single process with "
-            "PoissonDataLoader(dataset, expected_batch_size=B) over the whole training set."
+            "from_data_loader: the loader uses a DistributedSampler; each rank must Poisson-sample its shard "
+            "at the global rate q. Use dpsat_fast.distributed.DistributedPoissonDataLoader (make_private does "
+            "this itself inside a torch.distributed process group; see docs/distributed.md)."
         )
     if isinstance(sampler, data.WeightedRandomSampler):
         raise ValueError(

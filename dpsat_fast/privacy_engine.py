@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from .accounting import PrivacyAccountant, calibrate_noise_multiplier
 from .clipping import ClippingStyle, GroupWiseClipping
+from . import distributed
 from .data import PoissonDataLoader
 from .engine import BookKeepingEngine
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -99,27 +100,42 @@ class PrivacyEngine:
         compositions = 2 if sam_method == "dpsam" else 1
         _check_opacus_arguments(poisson_sampling, batch_first, grad_sample_mode, rand_on_empty)
         seed = self._noise_seed(seed, noise_generator)
+        module, _ = distributed.unwrap_data_parallel(module)  # the optimizer's all-reduce replaces DDP's reducer
         module = _unwrap_opacus(module)
         if (noise_multiplier is None) == (target_epsilon is None):
             raise PrivacyConfigError("give exactly one of noise_multiplier or target_epsilon (with target_delta "
                                      "and epochs)")
-        loader = (data_loader if isinstance(data_loader, PoissonDataLoader)
-                  else PoissonDataLoader.from_data_loader(data_loader))
+        multi_process = distributed.is_distributed()
+        sharded = isinstance(getattr(data_loader, "sampler", None), torch.utils.data.DistributedSampler)
+        if multi_process or sharded or isinstance(data_loader, distributed.DistributedPoissonDataLoader):
+            if multi_process:
+                distributed.broadcast_module(module)  # identical starting weights on every rank
+            elif sharded and data_loader.sampler.num_replicas > 1:
+                raise PrivacyConfigError("the loader's DistributedSampler has several replicas but no process group "
+                                         "of that size is initialized (torch.distributed.init_process_group)")
+            loader = (data_loader if isinstance(data_loader, distributed.DistributedPoissonDataLoader)
+                      else distributed.DistributedPoissonDataLoader.from_data_loader(data_loader, world_size=(
+                          None if multi_process else 1), rank=(None if multi_process else 0)))
+            num_samples, expected_batch_size = loader.global_num_samples, loader.global_expected_batch_size
+        else:
+            loader = (data_loader if isinstance(data_loader, PoissonDataLoader)
+                      else PoissonDataLoader.from_data_loader(data_loader))
+            num_samples, expected_batch_size = loader.num_samples, loader.expected_batch_size
         if target_epsilon is not None:
             if target_delta is None or epochs is None:
                 raise PrivacyConfigError("target_epsilon needs target_delta and epochs to calibrate σ")
-            check_delta(target_delta, loader.num_samples)
+            check_delta(target_delta, num_samples)
             noise_multiplier = calibrate_noise_multiplier(target_epsilon, target_delta, loader.sample_rate,
-                                                          epochs * len(loader), accountant=_accounting_method(self.accountant),
+                                                          epochs * len(loader), accountant=self.accountant.method,
                                                           compositions_per_step=compositions)
         style, max_grad_norm = _clipping_style(clipping, max_grad_norm, module, optimizer)
         self.engine = BookKeepingEngine(module, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
                                         clipping=style)
         try:
             common = dict(engine=self.engine, noise_multiplier=noise_multiplier,
-                          expected_batch_size=loader.expected_batch_size, seed=seed, accountant=self.accountant,
+                          expected_batch_size=expected_batch_size, seed=seed, accountant=self.accountant,
                           sample_rate=loader.sample_rate, allow_non_private=allow_non_private, sparsity=sparsity,
-                          loss_reduction=loss_reduction)
+                          loss_reduction=loss_reduction, distributed=multi_process)
             if sam_method == "dpsam":
                 self.optimizer = DPSAM(optimizer, rho=sam_rho, **common)
             elif sam_rho > 0:
@@ -257,9 +273,9 @@ def _unwrap_opacus(module: nn.Module) -> nn.Module:
     """A model already wrapped by Opacus: refuse distributed wrappers, unwrap a GradSampleModule (its hooks
     removed, so that Opacus stops materializing per-sample gradients)."""
     names = {c.__name__ for c in type(module).__mro__}
-    if names & {"DPDDP", "DistributedDataParallel", "FSDPModule"}:
-        raise PrivacyConfigError("distributed wrappers (DPDDP, DistributedDataParallel) are not supported yet: pass "
-                                 "the plain model")
+    if "FSDPModule" in names:
+        raise PrivacyConfigError("FSDP-sharded models are not supported: use data parallelism (each rank holds the "
+                                 "whole model; see docs/distributed.md)")
     if "AbstractGradSampleModule" in names or "GradSampleModule" in names:
         inner = module._module
         close = getattr(module, "_close", None)
@@ -271,9 +287,3 @@ def _unwrap_opacus(module: nn.Module) -> nn.Module:
                     delattr(p, attr)
         return inner
     return module
-
-
-def _accounting_method(accountant: PrivacyAccountant) -> str:
-    """The dp-accounting method behind the ledger (for calibrating σ with the same accountant)."""
-    method = getattr(accountant, "method", None)
-    return method if isinstance(method, str) else accountant.mechanism

@@ -419,10 +419,10 @@ def test_from_data_loader_whole_dataset(shuffle):
     assert loader.num_samples == 100
 
 
-def test_from_data_loader_refuses_distributed_sampler():
+def test_from_data_loader_refuses_distributed_sampler_and_points_to_the_distributed_loader():
     ds = _dataset(100)
     plain = DataLoader(ds, batch_size=10, sampler=DistributedSampler(ds, num_replicas=2, rank=0))
-    with pytest.raises(ValueError, match="(?s)DistributedSampler.*distributed Poisson sampling is not supported"):
+    with pytest.raises(ValueError, match="(?s)DistributedSampler.*DistributedPoissonDataLoader"):
         PoissonDataLoader.from_data_loader(plain)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import distributed as distributed_mod
 from .. import ops
 from ..engine import BookKeepingEngine, NoisePlan
 from ..validation import PrivacyConfigError, check_noise_multiplier, check_sample_rate
@@ -62,7 +63,7 @@ class DPOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, *, engine: BookKeepingEngine, noise_multiplier: float,
                  expected_batch_size: float, seed: Optional[int] = None, accountant=None,
                  sample_rate: Optional[float] = None, allow_non_private: bool = False, sparsity=None,
-                 loss_reduction: str = "mean"):
+                 loss_reduction: str = "mean", distributed: Optional[bool] = None):
         if loss_reduction not in ("mean", "sum"):
             raise PrivacyConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
@@ -100,12 +101,16 @@ class DPOptimizer(Optimizer):
         self.expected_batch_size = float(expected_batch_size)
         self.accountant = accountant
         self.sample_rate = sample_rate
+        self.distributed = distributed_mod.is_distributed() if distributed is None else bool(distributed)
         self.insecure_seed = seed is not None
         if self.insecure_seed:
             warnings.warn(f"{type(self).__name__}(seed={seed}): the noise key is fixed, so the noise can be "
                           f"reproduced and removed from every release: this run is NOT private (experiments only; "
                           f"omit seed for a secret key)", InsecureNoiseWarning, stacklevel=2)
-        self.noise_seed = int(seed) if seed is not None else secrets.randbits(63)
+        if self.distributed:  # one key for all ranks, drawn by rank 0 and broadcast
+            self.noise_seed = distributed_mod.agree_on_key(seed)
+        else:
+            self.noise_seed = int(seed) if seed is not None else secrets.randbits(63)
         self.noise_offset = 0
         self.steps = 0
         self.sparsity = sparsity
@@ -115,7 +120,10 @@ class DPOptimizer(Optimizer):
         self.step_hook: Optional[Callable[["DPOptimizer"], None]] = None
         self._skip_next_step = False
         self._is_last_step_skipped = False
-        engine.noise_planner = self.noise_plan
+        #: seconds the last release spent in the all-reduce of the clipped sums (distributed runs)
+        self.last_communication_seconds = 0.0
+        # across ranks the noise goes in once, after the all-reduce: never fused into a rank's own sums
+        engine.noise_planner = None if self.distributed else self.noise_plan
 
     def watch_batches(self, loader) -> None:
         """Check every release against the logical batches ``loader`` (a
@@ -165,6 +173,10 @@ class DPOptimizer(Optimizer):
         if not self._is_last_step_skipped:
             self.engine.clear()
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
+        """Opacus' name for setting :attr:`step_hook`."""
+        self.step_hook = fn
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Make the next :meth:`step` / :meth:`pre_step` a no-op that keeps the clipped sums (a physical batch
@@ -237,6 +249,7 @@ class DPOptimizer(Optimizer):
         """Everything that could make this step's release non-private or unaccountable, checked before any
         gradient is written: σ (and the accountant's inputs), the clipping norm the backward passes used,
         and the parameter set. Raises :class:`PrivacyConfigError` (and discards the step's sums)."""
+        error = None
         try:
             check_noise_multiplier(self._noise_multiplier, allow_zero=self.allow_non_private)
             if self.accountant is not None:
@@ -248,9 +261,14 @@ class DPOptimizer(Optimizer):
                     f"noise would be for {self.engine.clipping.sensitivity:g}); change max_grad_norm between steps")
             self._check_parameter_set()
             self._check_batch_size()
-        except PrivacyConfigError:
+        except PrivacyConfigError as exc:
+            error = exc
+        # every rank releases, or none does (nobody is left waiting in the all-reduce)
+        agreed = distributed_mod.all_ranks_agree(error is None) if self.distributed else error is None
+        if not agreed:
             self.engine.clear()
-            raise
+            raise error if error is not None else PrivacyConfigError(
+                "another rank refused this release (see its error); nothing was released")
 
     def _check_parameter_set(self) -> None:
         engine = self.engine
@@ -294,6 +312,8 @@ class DPOptimizer(Optimizer):
         plan = self.noise_plan()
         inv_batch = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         released = self.engine.release(list(plan.offsets))
+        if self.distributed:  # Σ over ranks of their clipped sums, before the (single) noise
+            self.last_communication_seconds = distributed_mod.all_reduce_sums([g for g, _ in released.values()])
         grads = {}
         for p, offset in plan.offsets.items():
             g, noise_in_sum = released[p]
@@ -388,5 +408,5 @@ class DPOptimizer(Optimizer):
         dp = state_dict.pop("dp")
         self.original_optimizer.load_state_dict(state_dict)
         self.steps, self.noise_offset = dp["steps"], dp["noise_offset"]
-        if not self.insecure_seed:
-            self.noise_seed = secrets.randbits(63)
+        if not self.insecure_seed:  # a new secret key (the same on every rank of a distributed run)
+            self.noise_seed = distributed_mod.agree_on_key() if self.distributed else secrets.randbits(63)
