@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .layers import (DPMultiheadAttention, convert_multihead_attention, convert_sequence_first_transformers, get_rule,
-                     supported_types)
+                     register_generic, supported_types)
+from .layers.rnn import convert_rnn, convertible_rnn, is_opacus_rnn
 from .layers.norms import batchnorm_coupling, batchnorm_fix
 
 
@@ -127,10 +128,21 @@ def model_problems(module: nn.Module) -> List[str]:
                 continue
             if type(m) is nn.MultiheadAttention:
                 fix = "swap in DPMultiheadAttention: model = dpsat_fast.fix_model(model)"
+            elif convertible_rnn(m):
+                fix = (f"convert it exactly with model = dpsat_fast.fix_model(model) (it becomes "
+                       f"dpsat_fast.layers.{_rnn_target(m)}: the same function from nn.Linear cells, weights copied)")
+            elif isinstance(m, nn.RNNBase) or isinstance(m, nn.modules.rnn.RNNCellBase):
+                fix = (f"rebuild it from dpsat_fast.layers.DPLSTM/DPGRU/DPRNN or nn.Linear cells (only nn.LSTM, "
+                       f"nn.GRU and nn.RNN themselves are converted by dpsat_fast.fix_model), or freeze it "
+                       f"(requires_grad_(False))")
             else:
                 fix = ("freeze them (requires_grad_(False)), rebuild the module from supported layers "
-                       f"({', '.join(sorted(t.__name__ for t in supported_types()))}), or register a rule "
-                       f"with dpsat_fast.layers.register_rule")
+                       f"({', '.join(sorted(t.__name__ for t in supported_types()))}), register a rule "
+                       f"with dpsat_fast.layers.register_rule, or opt in to the exact generic rule for the module's "
+                       f"own parameters (per-example gradients by torch.func; it recomputes the module's forward "
+                       f"and backward once more per step, so keep such modules small): "
+                       f"dpsat_fast.layers.register_generic(module), or model = dpsat_fast.fix_model(model, "
+                       f"generic=True) for every such module")
             problems.append(f"{label}: trainable parameters {trainable} have no per-sample gradient rule; {fix}")
             continue
         if trainable:
@@ -278,7 +290,24 @@ def _largest_group_count(channels: int, max_groups: int) -> int:
     return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
 
 
-def fix_model(module: nn.Module, max_groups: int = 32) -> nn.Module:
+def _rnn_target(m: nn.Module) -> str:
+    name = type(m).__name__
+    if is_opacus_rnn(m):
+        return name
+    return {"LSTM": "DPLSTM", "GRU": "DPGRU"}.get(name, "DPRNN")
+
+
+def _mark_generic(module: nn.Module) -> None:
+    """Opt every module whose trainable own parameters have no rule into the generic rule."""
+    for m in module.modules():
+        if (parametrize.is_parametrized(m) or isinstance(m, parametrize.ParametrizationList)
+                or (isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params())):
+            continue
+        if get_rule(m) is None and any(p.requires_grad for p in m.parameters(recurse=False)):
+            register_generic(m)
+
+
+def fix_model(module: nn.Module, max_groups: int = 32, generic: bool = False) -> nn.Module:
     """Return ``module`` made private-trainable with the same function where it can be kept:
 
     * BatchNorm becomes GroupNorm (≤ ``max_groups`` groups dividing the channels), except a BatchNorm pinned in
@@ -288,9 +317,22 @@ def fix_model(module: nn.Module, max_groups: int = 32) -> nn.Module:
       TransformerEncoderLayer / TransformerDecoderLayer become batch-first inside and are wrapped in a
       :class:`~dpsat_fast.layers.SequenceFirstAdapter` that keeps their interface (inputs and outputs
       [T, B, D], masks unchanged), so that their Linear and LayerNorm layers see the batch first; converted
-      encoders never take torch's nested-tensor fast path (it needs nn.MultiheadAttention's packed weights).
+      encoders never take torch's nested-tensor fast path (it needs nn.MultiheadAttention's packed weights);
+    * nn.LSTM / nn.GRU / nn.RNN and Opacus' DPLSTM / DPGRU / DPRNN become :class:`~dpsat_fast.layers.DPLSTM` /
+      ``DPGRU`` / ``DPRNN`` (the same function from nn.Linear cells, weights and ``requires_grad`` copied);
+    * with ``generic=True``, every module that still has trainable own parameters without a rule (a raw
+      ``nn.Parameter`` used in its forward: ViT's class token and position embedding, a learned scale) is
+      opted in to the exact generic rule (:func:`dpsat_fast.layers.register_generic`; per-example gradients by
+      torch.func, at the cost of recomputing that module's forward and backward once more per step).
 
     Works in place where it can."""
+    module = _fix(module, max_groups)
+    if generic:
+        _mark_generic(module)
+    return module
+
+
+def _fix(module: nn.Module, max_groups: int) -> nn.Module:
     if isinstance(module, _BatchNorm) and not isinstance(module.__dict__.get("train"), _EvalPin):
         gn = nn.GroupNorm(_largest_group_count(module.num_features, max_groups), module.num_features,
                           eps=module.eps, affine=module.affine)
@@ -303,12 +345,14 @@ def fix_model(module: nn.Module, max_groups: int = 32) -> nn.Module:
         if ref is not None:
             gn = gn.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         return gn.train(module.training)
+    if convertible_rnn(module):
+        return convert_rnn(module)
     module = convert_sequence_first_transformers(module)
     module = convert_multihead_attention(module)
     if isinstance(module, nn.TransformerEncoder):
         module.use_nested_tensor = False
     for name, child in module.named_children():
-        setattr(module, name, fix_model(child, max_groups))
+        setattr(module, name, _fix(child, max_groups))
     return module
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from dpsat_fast import ops
 from dpsat_fast.clipping import GroupWiseClipping
 from dpsat_fast.engine import BookKeepingEngine
-from dpsat_fast.layers import DPMultiheadAttention, bounds, conv, linear, register_rule
+from dpsat_fast.layers import DPMultiheadAttention, bounds, conv, linear, register_generic, register_rule
 from dpsat_fast.ops.triton._common import triton_can_run
 
 C = 1.0
@@ -60,6 +60,15 @@ def _cancelling_positions():
     return a, torch.stack([v, -v + delta])
 
 
+class _Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * self.w  # per-example gradient Σ_t x_t ⊙ g_t: cancels over the canary's two positions
+
+
 class _Model(nn.Module):
     """One layer of the kind under test, fed [B, 2, ·] inputs; the loss is Σ_i ⟨out_i, w_i⟩ so that the
     output gradient at position t of example i is w_{i,t}."""
@@ -79,6 +88,8 @@ class _Model(nn.Module):
             self.layer = nn.Embedding(5, P)
         elif kind == "layernorm":
             self.layer = nn.LayerNorm(P)
+        elif kind == "generic":  # a raw parameter in a custom forward, under the opt-in generic rule
+            self.layer = register_generic(_Scale(D))
         elif kind == "tied":
             self.layer = nn.Linear(D, P, bias=False)
             self.other = nn.Linear(P, D, bias=False)
@@ -138,7 +149,7 @@ def _release(kind, clipping, with_canary):
         engine.detach()
 
 
-KINDS = ["linear", "conv1d", "conv2d_groups", "attention", "embedding", "layernorm", "tied"]
+KINDS = ["linear", "conv1d", "conv2d_groups", "attention", "embedding", "layernorm", "generic", "tied"]
 
 
 @pytest.mark.parametrize("clipping", ["flat", "automatic", "per_layer", "group"])
@@ -147,6 +158,35 @@ def test_cancelling_example_moves_the_release_by_at_most_C(kind, clipping, route
     bounds.fallback_counts.clear()
     delta = (_release(kind, clipping, True) - _release(kind, clipping, False)).norm().item()
     assert delta <= C * (1 + SLACK), f"{kind}/{clipping}/{route}/{backend}: one example moved the release by {delta:.4g}·C"
+
+
+def _bag_release(clipping, with_canary):
+    """EmbeddingBag (sum) with per-sample weights: the canary's bag holds one row twice with weights A and −A + δ,
+    so its gradient row is δ·g while the float32 terms A·g cancel (the rule norms the accumulated rows it adds)."""
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(5, P, mode="sum")
+    style = clipping if clipping != "group" else GroupWiseClipping(C, lambda key: "a", weights="equal")
+    engine = BookKeepingEngine(bag, max_grad_norm=C, loss_reduction="sum", clipping=style)
+    try:
+        g = torch.Generator().manual_seed(4)
+        idx, psw = torch.randint(0, 5, (4, 2), generator=g), torch.randn(4, 2, generator=g)
+        w = torch.randn(4, P, generator=g)
+        if with_canary:
+            A = 2.0 ** 20
+            idx = torch.cat([idx, torch.tensor([[3, 3]])])
+            psw = torch.cat([psw, torch.tensor([[A, -A + 0.25]])])
+            w = torch.cat([w, V_NORM * _unit(2, P).unsqueeze(0)])
+        (bag(idx, per_sample_weights=psw) * w).sum().backward()
+        return torch.cat([engine.summed_grads[p].double().flatten() for p in engine.params])
+    finally:
+        engine.detach()
+
+
+@pytest.mark.parametrize("clipping", ["flat", "automatic", "per_layer", "group"])
+def test_cancelling_embedding_bag_example_moves_the_release_by_at_most_C(clipping, backend):
+    assert 0.25 * V_NORM > 100 * C  # the canary's true gradient is far above C: clipping must act
+    delta = (_bag_release(clipping, True) - _bag_release(clipping, False)).norm().item()
+    assert delta <= C * (1 + SLACK), f"embedding_bag/{clipping}/{backend}: moved the release by {delta:.4g}·C"
 
 
 def test_the_crafted_example_defeats_a_plain_float32_ghost_norm():

@@ -246,3 +246,122 @@ def test_route_choice_follows_cost_rule():
     assert choose_route(1, 512, 512) == "ghost"
     assert choose_route(16, 4608, 512) == "ghost"  # late ResNet conv: T small, D·P large
     assert choose_route(1024, 27, 64) == "instantiate"  # stem conv: T large
+
+
+# -- recurrent layers, EmbeddingBag, the generic rule --------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_recurrent_layers(dtype, kind, batch_first):
+    from dpsat_fast.layers import DPGRU, DPLSTM, DPRNN
+
+    kw = dict(num_layers=2, bidirectional=True, batch_first=batch_first)
+    rnn = {"lstm": lambda: DPLSTM(3, 4, **kw), "lstm_proj": lambda: DPLSTM(3, 4, proj_size=2, **kw),
+           "gru": lambda: DPGRU(3, 4, **kw), "rnn": lambda: DPRNN(3, 4, nonlinearity="relu", **kw)}[kind]()
+    x = torch.randn(3, 5, 3) if batch_first else torch.randn(5, 3, 3)
+    assert_matches_reference(rnn, [x], dtype, max_grad_norm=0.5, batch_dims=[0 if batch_first else 1])
+
+
+class _Packed(nn.Module):
+    """Padded sequences and lengths in, a PackedSequence through the RNN, padded output (and final state) out."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, state = self.rnn(packed)
+        h = state[0] if isinstance(state, tuple) else state
+        padded, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return torch.cat([padded.flatten(1), h.transpose(0, 1).flatten(1)], 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_layers_packed_sequences(dtype, kind):
+    from dpsat_fast.layers import DPGRU, DPLSTM
+
+    rnn = (DPLSTM if kind == "lstm" else DPGRU)(3, 4, num_layers=2, bidirectional=True)
+    lengths = torch.tensor([2, 5, 1, 4])
+    assert_matches_reference(_Packed(rnn), [torch.randn(4, 5, 3), lengths], dtype, max_grad_norm=0.5)
+
+
+class _Bag(nn.Module):
+    def __init__(self, layout, weighted=False, **kw):
+        super().__init__()
+        self.layout = layout
+        self.bag = nn.EmbeddingBag(7, 4, **kw)
+        self.lin = nn.Linear(4, 3)
+        if weighted:  # per-sample weights from a trainable layer: its gradient needs theirs
+            self.weigh = nn.Linear(1, 1)
+
+    def forward(self, idx, lengths=None, weights=None):
+        if weights is not None:
+            weights = self.weigh(weights.unsqueeze(-1)).squeeze(-1)
+        if self.layout == "2d":
+            h = self.bag(idx, per_sample_weights=weights)
+        else:  # 1-D indices with offsets: example i's bag is its first lengths[i] indices
+            keep = torch.arange(idx.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+            flat = idx[keep]
+            offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            if not self.bag.include_last_offset:
+                offsets = offsets[:-1]
+            h = self.bag(flat, offsets, None if weights is None else weights[keep])
+        return self.lin(torch.tanh(h)) + self.lin(torch.tanh(self.bag(idx[:, :2])))  # a second use
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["2d", "offsets", "offsets_last"])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_bag(dtype, layout, mode, weighted, padding_idx):
+    model = _Bag("2d" if layout == "2d" else "1d", weighted, mode=mode, padding_idx=padding_idx,
+                 include_last_offset=layout == "offsets_last")
+    idx = torch.tensor([[1, 1, 2, 3], [2, 2, 2, 2], [0, 5, 6, 2], [4, 4, 1, 6]])  # duplicates, padding
+    lengths = torch.tensor([4, 3, 0, 2])  # an empty bag too
+    inputs = [idx, lengths, torch.randn(4, 4)] if weighted else [idx, lengths]
+    assert_matches_reference(model, inputs, dtype, max_grad_norm=0.6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_generic_rule_vit(dtype):
+    from test_generic_rule import tiny_vit
+
+    assert_matches_reference(tiny_vit(), [torch.randn(3, 3, 8, 8)], dtype, max_grad_norm=0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_generic_rule_around_children(dtype):
+    from dpsat_fast.layers import register_generic
+    from test_generic_rule import Scaled
+
+    net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(1), nn.Unflatten(1, (4, 3)), nn.Tanh())
+    model = nn.Sequential(net, register_generic(Scaled(3)), nn.Flatten(), nn.Linear(12, 2))
+    assert_matches_reference(model, [torch.randn(4, 2, 5)], dtype, max_grad_norm=0.5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="max"), r"mode='max' is not supported.*nn.Embedding.*amax"), (dict(max_norm=1.0), "max_norm"),
+    (dict(scale_grad_by_freq=True), "scale_grad_by_freq"), (dict(sparse=True), "sparse")])
+def test_embedding_bag_refusals(kwargs, match):
+    from dpsat_fast.validation import PrivacyConfigError, validate_model
+
+    with pytest.raises(PrivacyConfigError, match=match):
+        validate_model(nn.EmbeddingBag(5, 3, **kwargs))
+
+
+def test_embedding_bag_empty_batch():
+    from dpsat_fast.engine import BookKeepingEngine
+
+    bag = nn.EmbeddingBag(5, 3)
+    engine = BookKeepingEngine(bag, max_grad_norm=1.0)
+    empty = torch.zeros(0, dtype=torch.long)
+    for args in [(empty.view(0, 2),), (empty, empty)]:
+        bag(*args).sum().backward()
+        assert engine.last_batch_size == 0 and not engine.summed_grads[bag.weight].any()
+        engine.clear()
+    engine.detach()
