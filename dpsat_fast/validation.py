@@ -132,9 +132,9 @@ def model_problems(module: nn.Module) -> List[str]:
                 fix = (f"convert it exactly with model = dpsat_fast.fix_model(model) (it becomes "
                        f"dpsat_fast.layers.{_rnn_target(m)}: the same function from nn.Linear cells, weights copied)")
             elif isinstance(m, nn.RNNBase) or isinstance(m, nn.modules.rnn.RNNCellBase):
-                fix = (f"rebuild it from dpsat_fast.layers.DPLSTM/DPGRU/DPRNN or nn.Linear cells (only nn.LSTM, "
-                       f"nn.GRU and nn.RNN themselves are converted by dpsat_fast.fix_model), or freeze it "
-                       f"(requires_grad_(False))")
+                fix = ("rebuild it from dpsat_fast.layers.DPLSTM/DPGRU/DPRNN or nn.Linear cells (only nn.LSTM, "
+                       "nn.GRU and nn.RNN themselves are converted by dpsat_fast.fix_model), or freeze it "
+                       "(requires_grad_(False))")
             else:
                 fix = ("freeze them (requires_grad_(False)), rebuild the module from supported layers "
                        f"({', '.join(sorted(t.__name__ for t in supported_types()))}), register a rule "

@@ -152,3 +152,18 @@ def materialized_sq_norms(pe: Tensor) -> Tensor:
     for s in range(0, B, step):
         out[s:s + step] = flat[s:s + step].double().pow(2).sum(1)
     return out * (1.0 + (n + 2) * 2.0 ** -53)
+
+
+def materialized_clipped_sums(grads: Dict[str, Tensor], scale: Tensor, noise: Optional[NoiseRequest]) -> ClippedSums:
+    """``{name: Σ_i scale_i grads[name]_i (+ the requested noise)}`` for materialized per-example gradients
+    ``grads[name]`` [B, *shape], and the names whose sum carries the noise (one pass over each tensor)."""
+    from .. import ops
+
+    out, noised = {}, set()
+    for n, g in grads.items():
+        seed, offset, std = noise.of(n) if noise is not None else (0, 0, 0.0)
+        if std:
+            noised.add(n)
+        flat = g.reshape(g.shape[0], math.prod(g.shape[1:])).contiguous()
+        out[n] = ops.per_example_clipped_sum_with_noise(flat, scale, seed, offset, std).view(g.shape[1:])
+    return out, noised

@@ -34,19 +34,24 @@ class _EmbeddingFunction(torch.autograd.Function):
         return None, None, None, None, None
 
 
+def _lookup_problems(module) -> List[str]:
+    """What an Embedding or EmbeddingBag cannot do privately."""
+    out = []
+    if module.max_norm is not None:
+        out.append("max_norm renormalizes the weight in place from the batch's indices; set max_norm=None")
+    if module.scale_grad_by_freq:
+        out.append("scale_grad_by_freq couples examples through batch frequencies; set it to False")
+    if module.sparse:
+        out.append("sparse gradients are not supported; set sparse=False")
+    return out
+
+
 class EmbeddingRule(LayerRule):
     module_types = (nn.Embedding,)
     owned_params = ("weight",)
 
     def problems(self, module: nn.Embedding) -> List[str]:
-        out = []
-        if module.max_norm is not None:
-            out.append("max_norm renormalizes the weight in place from the batch's indices; set max_norm=None")
-        if module.scale_grad_by_freq:
-            out.append("scale_grad_by_freq couples examples through batch frequencies; set it to False")
-        if module.sparse:
-            out.append("sparse gradients are not supported; set sparse=False")
-        return out
+        return _lookup_problems(module)
 
     def forward(self, module: nn.Embedding, record: ModuleRecord, idx: Tensor) -> Tensor:
         if idx.dim() < 1:
@@ -187,13 +192,7 @@ class EmbeddingBagRule(LayerRule):
     owned_params = ("weight",)
 
     def problems(self, module: nn.EmbeddingBag) -> List[str]:
-        out = []
-        if module.max_norm is not None:
-            out.append("max_norm renormalizes the weight in place from the batch's indices; set max_norm=None")
-        if module.scale_grad_by_freq:
-            out.append("scale_grad_by_freq couples examples through batch frequencies; set it to False")
-        if module.sparse:
-            out.append("sparse gradients are not supported; set sparse=False")
+        out = _lookup_problems(module)
         if module.mode not in ("sum", "mean"):
             out.append(f"mode={module.mode!r} is not supported (only 'sum' and 'mean'); for a max over the bag use "
                        f"nn.Embedding on padded [B, L] indices followed by .amax(1), which is supported")

@@ -38,7 +38,6 @@ Enable it explicitly: :func:`register_generic` (a module instance, or every modu
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -46,8 +45,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .. import ops
-from .base import LayerRule, ModuleRecord, NoiseRequest, Use, materialized_sq_norms, sum_over_uses
+from .base import (LayerRule, ModuleRecord, NoiseRequest, Use, materialized_clipped_sums, materialized_sq_norms,
+                   sum_over_uses)
 
 #: instance attribute marking a module for the generic rule (set by :func:`register_generic`)
 GENERIC_ATTR = "_dpsat_generic_rule"
@@ -270,16 +269,7 @@ class GenericRule(LayerRule):
         return {n: materialized_sq_norms(g) for n, g in self.per_example_grads(record, uses, names).items()}
 
     def clipped_sums(self, record, uses, scale, names, noise: Optional[NoiseRequest] = None):
-        out, noised = {}, set()
-        for n, g in self.per_example_grads(record, uses, names).items():
-            if noise is not None and n in noise.offsets:
-                seed, offset, std = noise.seed, noise.offsets[n], noise.std
-                noised.add(n)
-            else:
-                seed, offset, std = 0, 0, 0.0
-            flat = g.reshape(g.shape[0], g[0].numel() if g.shape[0] else math.prod(g.shape[1:])).contiguous()
-            out[n] = ops.per_example_clipped_sum_with_noise(flat, scale, seed, offset, std).view(g.shape[1:])
-        return out, noised
+        return materialized_clipped_sums(self.per_example_grads(record, uses, names), scale, noise)
 
 
 class _AssumptionError(ValueError):

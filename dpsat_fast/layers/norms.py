@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import error_bounds
-from .base import LayerRule, ModuleRecord, NoiseRequest, Use, materialized_sq_norms, sum_over_uses
+from .base import (LayerRule, ModuleRecord, NoiseRequest, Use, materialized_clipped_sums, materialized_sq_norms,
+                   sum_over_uses)
 
 
 class _AffineFunction(torch.autograd.Function):
@@ -93,15 +94,7 @@ class _NormRule(LayerRule):
         return {n: materialized_sq_norms(g) for n, g in self.per_example_grads(record, uses, names).items()}
 
     def clipped_sums(self, record, uses, scale, names, noise: Optional[NoiseRequest] = None):
-        out, noised = {}, set()
-        for n, g in self.per_example_grads(record, uses, names).items():
-            if noise is not None and n in noise.offsets:
-                seed, offset, std = noise.seed, noise.offsets[n], noise.std
-                noised.add(n)
-            else:
-                seed, offset, std = 0, 0, 0.0
-            out[n] = ops.per_example_clipped_sum_with_noise(g.flatten(1), scale, seed, offset, std).view(g.shape[1:])
-        return out, noised
+        return materialized_clipped_sums(self.per_example_grads(record, uses, names), scale, noise)
 
 
 class LayerNormRule(_NormRule):
