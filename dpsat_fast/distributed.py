@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .data import PoissonDataLoader
+from .data import PoissonDataLoader, _check_index_set
 from .validation import PrivacyConfigError
 
 #: bytes per all-reduce bucket of clipped sums
@@ -123,7 +123,8 @@ class DistributedPoissonDataLoader(PoissonDataLoader):
                  indices=None, **kwargs):
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise PrivacyConfigError(f"rank {rank!r} and world_size {world_size!r} do not form a process group")
-        everyone = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+        # distinct over ALL ranks: a duplicate split across two shards would be sampled twice per step
+        everyone = np.arange(len(dataset)) if indices is None else _check_index_set(indices)
         if len(everyone) < world_size:
             raise PrivacyConfigError(f"{len(everyone)} examples cannot be sharded over {world_size} ranks")
         shard = everyone[rank::world_size]

@@ -256,3 +256,14 @@ def test_the_torchrun_example_trains_privately_on_two_processes():
                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 processes: test accuracy" in out.stdout and "ε = 2.98" in out.stdout
+
+
+def test_an_index_listed_twice_is_refused_even_when_the_copies_land_on_different_ranks():
+    # [0, 0, 1, 1] over 2 ranks: each shard alone is [0, 1] (distinct), but example 0 would be sampled by
+    # both ranks, i.e. with probability ≈ 2q per step
+    data = TensorDataset(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    for rank in (0, 1):
+        with pytest.raises(ValueError, match="duplicates"):
+            DistributedPoissonDataLoader(data, sample_rate=0.5, world_size=2, rank=rank, indices=[0, 0, 1, 1])
+    loader = DistributedPoissonDataLoader(data, sample_rate=0.5, world_size=2, rank=1, indices=[3, 0, 2, 1])
+    assert list(loader.indices) == [0, 1] and loader.global_num_samples == 4
