@@ -26,6 +26,7 @@ Multi-node runs change nothing but the launcher.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from typing import Dict, List, Optional, Tuple
@@ -63,11 +64,20 @@ def agree_on_key(seed: Optional[int] = None) -> int:
     return int(key.item())
 
 
-def all_ranks_agree(ok: bool) -> bool:
-    """True iff ``ok`` on every rank (one small all-reduce; every rank gets the same answer)."""
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_device_for_collectives())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def config_fingerprint(*values) -> int:
+    """A 62-bit digest of ``values`` (their ``repr``): equal on two ranks iff they hold the same settings."""
+    digest = hashlib.sha256(repr(values).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
+def all_ranks_agree(ok: bool, fingerprint: int = 0) -> Tuple[bool, bool]:
+    """``(ok on every rank, every rank passed the same fingerprint)``, from one small all-reduce (every rank
+    gets the same answer)."""
+    flags = torch.tensor([1 if ok else 0, fingerprint, -fingerprint], dtype=torch.int64,
+                         device=_device_for_collectives())
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    all_ok, lowest, highest = int(flags[0]), int(flags[1]), -int(flags[2])
+    return bool(all_ok), lowest == highest
 
 
 def all_reduce_sums(tensors: List[Tensor]) -> float:
@@ -163,5 +173,5 @@ def unwrap_data_parallel(module: nn.Module) -> Tuple[nn.Module, bool]:
     return module, False
 
 
-__all__ = ["is_distributed", "agree_on_key", "all_ranks_agree", "all_reduce_sums", "broadcast_module",
+__all__ = ["is_distributed", "agree_on_key", "all_ranks_agree", "config_fingerprint", "all_reduce_sums", "broadcast_module",
            "DistributedPoissonDataLoader", "unwrap_data_parallel", "BUCKET_BYTES"]

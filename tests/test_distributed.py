@@ -203,6 +203,32 @@ def test_one_ranks_refusal_makes_every_rank_refuse():
     assert "another rank refused" in messages[0] and "noise_multiplier" in messages[1]
 
 
+def _ranks_with_settings(rank, world, settings):
+    model = _model()
+    engine = BookKeepingEngine(model, max_grad_norm=settings[rank].get("C", C))
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), engine=engine,
+                      noise_multiplier=settings[rank].get("sigma", 1.0),
+                      expected_batch_size=settings[rank].get("B", B_BAR))
+    before = _flat(model.parameters())
+    x, y = _examples(rank, 3)
+    F.cross_entropy(model(x), y).backward()
+    try:
+        opt.step()
+    except PrivacyConfigError as exc:
+        assert torch.equal(_flat(model.parameters()), before)
+        return str(exc)
+    return "released"
+
+
+@pytest.mark.parametrize("other", [{"sigma": 0.5}, {"C": 2.0}, {"B": 6.0}], ids=["sigma", "C", "batch"])
+def test_ranks_with_different_privacy_settings_release_nothing(other):
+    # the noise goes in once, by every rank alike: a rank with a smaller noise (a larger C, a smaller batch)
+    # would hold weights less private than the accountant says
+    messages = _launch(_ranks_with_settings, 2, [{}, other])
+    assert all("disagree on the privacy settings" in m for m in messages), messages
+    assert _launch(_ranks_with_settings, 2, [{}, {}]) == ["released", "released"]
+
+
 # -- checkpoint on one world size, resume on another --------------------------------------------------------
 
 def _train_and_save(rank, world, path):

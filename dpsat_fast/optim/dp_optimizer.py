@@ -263,12 +263,33 @@ class DPOptimizer(Optimizer):
             self._check_batch_size()
         except PrivacyConfigError as exc:
             error = exc
-        # every rank releases, or none does (nobody is left waiting in the all-reduce)
-        agreed = distributed_mod.all_ranks_agree(error is None) if self.distributed else error is None
+        # every rank releases, or none does (nobody is left waiting in the all-reduce); and all of them with
+        # the same privacy settings: the noise is added once, by every rank alike, so a rank with a smaller σ
+        # (or a larger C, another q) would release weights less private than the accountant says
+        if self.distributed:
+            agreed, same_settings = distributed_mod.all_ranks_agree(error is None, self._privacy_fingerprint())
+            if agreed and not same_settings:
+                error = PrivacyConfigError(
+                    f"the ranks disagree on the privacy settings (this rank: {self._privacy_settings()}); every "
+                    f"rank must make the model private with the same noise_multiplier, max_grad_norm, clipping, "
+                    f"sample rate and expected batch size; nothing was released")
+                agreed = False
+        else:
+            agreed = error is None
         if not agreed:
             self.engine.clear()
             raise error if error is not None else PrivacyConfigError(
                 "another rank refused this release (see its error); nothing was released")
+
+    def _privacy_settings(self) -> dict:
+        clipping = self.engine.clipping
+        return {"noise_multiplier": self._noise_multiplier, "sensitivity": clipping.sensitivity,
+                "clipping": type(clipping).__name__, "sample_rate": self.sample_rate,
+                "expected_batch_size": self.expected_batch_size,
+                "accountant": type(self.accountant).__name__ if self.accountant is not None else None}
+
+    def _privacy_fingerprint(self) -> int:
+        return distributed_mod.config_fingerprint(*sorted(self._privacy_settings().items()))
 
     def _check_parameter_set(self) -> None:
         engine = self.engine
