@@ -35,6 +35,28 @@ def use_cuda() -> bool:
     return force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None)
 
 
+def check_cuda_home() -> None:
+    """torch derives CUDA_HOME from CUDA_HOME/CUDA_PATH, else from the nvcc on PATH: a wrapper script outside
+    the toolkit (e.g. /usr/local/bin/nvcc) gives a root without headers, and a build that fails late."""
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        raise RuntimeError(
+            f"CUDA build: no CUDA toolkit at CUDA_HOME={CUDA_HOME!r} (no include/cuda_runtime.h); set CUDA_HOME "
+            "to the toolkit's root (e.g. /usr/local/cuda), or DPSAT_FAST_FORCE_CPU=1 for a CPU-only build")
+
+
+def wheel_cuda_include_flags() -> list[str]:
+    """Torch's CUDA headers include cuSPARSE's and cuBLAS's, which a bare toolkit may lack; a pip-installed
+    CUDA torch has them in the nvidia-* wheels beside it. Searched last (-idirafter, like CPATH), so the
+    toolkit's own headers win wherever both exist."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    site_packages = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    flags = []
+    for include in sorted(glob.glob(os.path.join(site_packages, "nvidia", "*", "include"))):
+        flags += ["-idirafter", include]
+    return flags
+
+
 def cxx_flags(debug: bool) -> list[str]:
     if sys.platform == "win32":
         return (["/Od", "/Zi"] if debug else ["/O2"]) + ["/openmp", "/fp:precise"]
@@ -57,12 +79,15 @@ def get_extensions():
     extra_compile_args = {"cxx": cxx_flags(debug)}
     extra_link_args = ["-fopenmp"] if sys.platform not in ("win32", "darwin") else []
     if cuda:
+        check_cuda_home()
+        extra_compile_args["cxx"] += wheel_cuda_include_flags()
         # csrc/cuda: device code (*.cu, CUDA headers only) and its torch glue (*.cpp)
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         # no FMA contraction: the same noise bits as every other build of the Philox kernels
         extra_compile_args["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--fmad=false", "-std=c++17"]
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # A100, H100/H200 machine code, and PTX of sm_90 that newer GPUs compile at load
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     extension = CUDAExtension if cuda else CppExtension
     return [
         extension(
