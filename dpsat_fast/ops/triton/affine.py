@@ -16,6 +16,10 @@ import triton.language as tl
 
 from ._common import cdiv, interpreter_on
 
+# launch tiles (num_warps/num_stages: Triton's defaults); bench/triton_aot.py compiles the GPU ones
+_GPU_BLOCKS = dict(BLOCK_T=16, BLOCK_C=128)
+_INTERPRETER_BLOCKS = dict(BLOCK_T=16, BLOCK_C=32)
+
 
 @triton.jit
 def _affine_grads_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, w_sq_ptr, b_sq_ptr, T, C, n_cb,
@@ -55,8 +59,8 @@ def affine_per_example_grads(xhat: torch.Tensor, g: torch.Tensor, with_weight: b
     """xhat, g: [B, T, C] (any strides) -> (∂w [B, C], ∂b [B, C], ‖∂w_i‖² [B], ‖∂b_i‖² [B]), fp32, None for
     what was not asked for."""
     B, T, C = g.shape
-    block_c = 32 if interpreter_on() else 128
-    block_t = 16 if interpreter_on() else 32
+    blocks = _INTERPRETER_BLOCKS if interpreter_on() else _GPU_BLOCKS
+    block_c, block_t = blocks["BLOCK_C"], blocks["BLOCK_T"]
     n_cb = cdiv(C, block_c)
     dev = g.device
     f32 = dict(dtype=torch.float32, device=dev)

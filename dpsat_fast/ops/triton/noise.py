@@ -17,8 +17,13 @@ import triton.language as tl
 
 from ._common import cdiv, interpreter_on
 
-# the interpreter pays ~20 ms per program whatever its size: few large programs there
-_BLOCK = 1024 if not interpreter_on() else 1 << 14
+# launch tiles (num_warps/num_stages: Triton's defaults); bench/triton_aot.py compiles the GPU ones.
+# The interpreter pays ~20 ms per program whatever its size: few large programs there.
+_GPU_BLOCK = 1024
+_INTERPRETER_BLOCK = 1 << 14
+_BLOCK = _GPU_BLOCK if not interpreter_on() else _INTERPRETER_BLOCK
+_PER_EXAMPLE_GPU_BLOCKS = dict(BLOCK_B=16, BLOCK_K=128)
+_PER_EXAMPLE_INTERPRETER_BLOCKS = dict(BLOCK_B=16, BLOCK_K=32)
 
 
 @triton.jit
@@ -27,8 +32,10 @@ def _sum_noise_scale_kernel(src_ptr, out_ptr, n, n_src, seed, offset, noise_std,
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < n
     total = tl.zeros([BLOCK], dtype=tl.float64)
-    for s in range(0, n_src):
-        total += tl.load(src_ptr + s * n + idx, mask=mask, other=0.0).to(tl.float64)
+    src = src_ptr + idx
+    for _ in range(0, n_src):
+        total += tl.load(src, mask=mask, other=0.0).to(tl.float64)
+        src += n  # 64-bit pointer steps: s·n may exceed 2**31 where n does not
     acc = total.to(tl.float32)
     if HAS_NOISE:
         acc += noise_std * tl.randn(seed, offset + idx)
@@ -73,8 +80,8 @@ def per_example_clipped_sum(grads: torch.Tensor, scale: torch.Tensor, seed: int,
     if K == 0:
         return out
     scale = scale.to(device=grads.device, dtype=torch.float32).contiguous()
-    block_k = 128 if not interpreter_on() else 32
-    _per_example_clipped_sum_kernel[(cdiv(K, block_k),)](
+    blocks = _PER_EXAMPLE_INTERPRETER_BLOCKS if interpreter_on() else _PER_EXAMPLE_GPU_BLOCKS
+    _per_example_clipped_sum_kernel[(cdiv(K, blocks["BLOCK_K"]),)](
         grads, scale, out, B, K, grads.stride(0), grads.stride(1), seed, offset, float(noise_std),
-        HAS_NOISE=noise_std != 0.0, BLOCK_B=16, BLOCK_K=block_k)
+        HAS_NOISE=noise_std != 0.0, **blocks)
     return out

@@ -228,7 +228,7 @@ def _clipped_sum_kernel(
         mask = p_mask[:, None] & d_mask[None, :]
         bias_mask = p_mask & ((p * 0 + td) == 0)
         if WRITE_SPLITS:
-            tl.store(w_out_ptr + split * (G * P * D) + idx, acc, mask=mask)
+            tl.store(w_out_ptr + split * G * P * D + idx, acc, mask=mask)  # int64 (split is): no i32 G·P·D
             if HAS_BIAS:
                 tl.store(b_out_ptr + split * (G * P) + row, bias_acc, mask=bias_mask)
         else:
@@ -246,24 +246,39 @@ def _clipped_sum_kernel(
 # ------------------------------------------------------------------------------------------------------
 
 _INTERPRETER_BLOCKS = dict(BLOCK_T=16, BLOCK_D=16, BLOCK_P=16)
-# (BLOCK_T, BLOCK_D, BLOCK_P, num_warps, num_stages) tried by the GPU autotuner; the smallest tile sizes
-# bound the number of partial sums (the partial buffers are sized for them).
-_GPU_CONFIGS = [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 8, 3), (64, 32, 32, 4, 2)]
+# (BLOCK_T, BLOCK_D, BLOCK_P, num_warps, num_stages) tried by the GPU autotuner, per kernel. fp32 operands
+# (three-pass TF32 dots) need the most registers: compiled for sm_80/sm_90, dots with a reduction dimension (K:
+# BLOCK_D and BLOCK_P of the ghost Gram matrices, BLOCK_T of the others) of 64 spilled, and so did the clipped
+# sum's [BLOCK_P, BLOCK_D] = [64, 64] fp32 convolution tiles on sm_80. bench/triton_aot.py compiles every
+# config for sm_80 and sm_90 and checks that none spills.
+_GHOST_GPU_CONFIGS = [(32, 16, 16, 4, 2), (32, 32, 32, 8, 3), (64, 16, 16, 8, 3)]
+_GPU_CONFIGS = [(32, 32, 64, 8, 3), (32, 32, 32, 8, 3), (32, 64, 32, 8, 3)]
+# .maxnreg 255: without it ptxas may cap the registers for occupancy (128 or 168 at 4 warps on sm_80) and spill
+_MAXNREG = 255
+# the smallest tile sizes bound the number of partial sums (the partial buffers are sized for them): the ghost
+# route's row tiles (BLOCK_T), the instantiate route's weight tiles (BLOCK_P x BLOCK_D), the clipped sum's splits
 _MIN_BLOCKS = (16, 16, 16) if interpreter_on() else tuple(min(c[i] for c in _GPU_CONFIGS) for i in range(3))
+assert interpreter_on() or min(c[0] for c in _GHOST_GPU_CONFIGS) >= _MIN_BLOCKS[0]
 # a clipped-sum block is made of whole row tiles
 assert all(CLIPPED_SUM_BLOCK_ROWS % c[0] == 0 for c in _GPU_CONFIGS + [(_INTERPRETER_BLOCKS["BLOCK_T"],)])
 
 
-def _configs():
+def _configs(gpu_configs):
     if interpreter_on():
         return [triton.Config(_INTERPRETER_BLOCKS)]
-    return [triton.Config(dict(BLOCK_T=t, BLOCK_D=d, BLOCK_P=p), num_warps=w, num_stages=s)
-            for t, d, p, w, s in _GPU_CONFIGS]
+    configs = []
+    for t, d, p, w, s in gpu_configs:
+        blocks = dict(BLOCK_T=t, BLOCK_D=d, BLOCK_P=p)
+        try:
+            configs.append(triton.Config(blocks, num_warps=w, num_stages=s, maxnreg=_MAXNREG))
+        except TypeError:  # a triton whose Config has no maxnreg
+            configs.append(triton.Config(blocks, num_warps=w, num_stages=s))
+    return configs
 
 
-_ghost = triton.autotune(_configs(), key=["T", "D", "P", "IS_CONV"])(_ghost_sq_norms_kernel)
-_instantiate = triton.autotune(_configs(), key=["T", "D", "P", "IS_CONV"])(_instantiate_sq_norms_kernel)
-_clipped = triton.autotune(_configs(), key=["T", "D", "P", "n_rows", "IS_CONV"])(_clipped_sum_kernel)
+_ghost = triton.autotune(_configs(_GHOST_GPU_CONFIGS), key=["T", "D", "P", "IS_CONV"])(_ghost_sq_norms_kernel)
+_instantiate = triton.autotune(_configs(_GPU_CONFIGS), key=["T", "D", "P", "IS_CONV"])(_instantiate_sq_norms_kernel)
+_clipped = triton.autotune(_configs(_GPU_CONFIGS), key=["T", "D", "P", "n_rows", "IS_CONV"])(_clipped_sum_kernel)
 
 
 # ------------------------------------------------------------------------------------------------------
