@@ -10,6 +10,7 @@ from dpsat_fast.models import INPUT_SHAPES, MODELS, NUM_CLASSES, DigitsCNN, buil
 # (low, high) parameter counts; the ResNets match the BatchNorm originals (GN has the same affine params).
 PARAM_RANGES = {
     "digits_cnn": (2_000, 50_000),
+    "mnist1d_cnn": (100_000, 200_000),
     "resnet18_gn": (11_100_000, 11_250_000),
     "wrn16_4_gn": (2_650_000, 2_800_000),
     "resnet50_gn": (25_400_000, 25_700_000),
@@ -17,7 +18,7 @@ PARAM_RANGES = {
 
 # Spatial size used for the forward+backward test; ResNet-50 runs on a reduced 64×64 input (its global
 # pooling accepts any size) to keep the CPU test fast; its 224×224 shape is checked without gradients.
-BACKWARD_SPATIAL = {"digits_cnn": 8, "resnet18_gn": 32, "wrn16_4_gn": 32, "resnet50_gn": 64}
+BACKWARD_SPATIAL = {"digits_cnn": 8, "mnist1d_cnn": None, "resnet18_gn": 32, "wrn16_4_gn": 32, "resnet50_gn": 64}
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ def test_forward_backward(name):
     model = build_model(name)
     channels = INPUT_SHAPES[name][0]
     side = BACKWARD_SPATIAL[name]
-    x = torch.randn(2, channels, side, side)
+    x = torch.randn(2, *INPUT_SHAPES[name]) if side is None else torch.randn(2, channels, side, side)
     y = torch.randint(0, NUM_CLASSES[name], (2,))
     logits = model(x)
     assert logits.shape == (2, NUM_CLASSES[name])
@@ -82,3 +83,30 @@ def test_bad_groups_rejected():
 def test_unknown_model_name():
     with pytest.raises(KeyError, match="digits_cnn"):
         build_model("vgg")
+
+
+def test_mnist1d_cnn_blocks_and_exact_per_example_norms():
+    """The 1-D CNN: 5 selectable blocks (3 conv blocks, fc, head), [B, 40] or [B, 1, 40] input, and the engine's
+    per-example norms of every layer (Conv1d, GroupNorm, Linear) match a float64 per-example loop."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from oracle import engine_results, per_example_grads
+
+    from dpsat_fast.models import MNIST1DCNN
+    from dpsat_fast.selection import blocks
+
+    model = MNIST1DCNN()
+    assert [n for n, _ in blocks(model)] == ["blocks.0", "blocks.1", "blocks.2", "fc", "head"]
+    assert sum(p.numel() for p in model.parameters()) == 134_666
+    x = torch.randn(5, 1, 40)
+    torch.testing.assert_close(model(x), model(x.squeeze(1)))
+    model = model.double()
+    x, w = x.double(), torch.randn(5, 10, dtype=torch.float64)
+    ref = per_example_grads(model, [x], w)
+    sq, sums = engine_results(model, [x], w, max_grad_norm=1e9)
+    assert set(sq) == set(ref) == {n for n, _ in model.named_parameters()}
+    for name, g in ref.items():
+        torch.testing.assert_close(sq[name], g.flatten(1).pow(2).sum(1), rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(sums[name], g.sum(0), rtol=1e-6, atol=1e-10)

@@ -131,3 +131,37 @@ def test_insecure_noise_seed_reproduces_and_says_so(tmp_path, capsys):
     b = _weights_after(["--insecure-noise-seed", "5"], tmp_path, "b.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "NOT differentially private" in capsys.readouterr().out
+
+
+def test_mnist1d_dataset_option_trains_and_reports_validation(tmp_path, monkeypatch, capsys):
+    """--dataset mnist1d: the 1-D CNN on locally generated MNIST-1D, validation held out of training, the
+    generation parameters in the result."""
+    monkeypatch.setenv("DPSAT_FAST_DATA_CACHE", str(tmp_path))
+    result = train(parse_args(["--dataset", "mnist1d", "--n-train", "300", "--n-val", "100", "--n-test", "100",
+                               "--epochs", "1", "--batch-size", "50", "--no-progress", "--noise-multiplier", "1.0",
+                               "--accountant", "rdp", "--method", "dpsgd"]))
+    out = capsys.readouterr().out
+    assert "DP-SGD on mnist1d: N=300" in out and "134666 trainable parameters" in out
+    assert result["dataset"] == "mnist1d" and result["steps"] == 6
+    assert 0.0 <= result["val_accuracy"] <= 1.0 and 0.0 <= result["val_ece"] <= 1.0
+    data = result["data"]
+    assert (data["n_train"], data["n_val"], data["n_test"], data["n_train_used"]) == (300, 100, 100, 300)
+    gen = data["generation"]
+    assert gen["num_samples"] == 500 and gen["seed"] == 42 and gen["final_seq_length"] == 40 and "url" not in gen
+    assert list(tmp_path.glob("mnist1d_*.npz"))  # cached for the next run
+
+
+def test_mnist1d_dataset_option_with_classes_and_sizes_refused_on_digits(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("DPSAT_FAST_DATA_CACHE", "none")
+    result = train(parse_args(["--dataset", "mnist1d", "--n-train", "200", "--n-val", "50", "--n-test", "60",
+                               "--classes", "5-9", "--epochs", "1", "--batch-size", "50", "--no-progress",
+                               "--noise-multiplier", "1.0", "--accountant", "rdp"]))
+    assert 60 < result["data"]["n_train_used"] < 140 and result["data"]["classes"] == [5, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match="MNIST-1D"):
+        train(parse_args(["--n-train", "100", "--epochs", "1", "--no-progress"]))
+    digits = train(parse_args(["--n-val", "238", "--epochs", "1", "--no-progress", "--noise-multiplier", "1.0",
+                               "--accountant", "rdp"]))
+    assert digits["steps"] == round(1200 / 128) and 0.0 <= digits["val_accuracy"] <= 1.0
+    assert "data" not in digits and parse_args([]).dataset == "digits"
