@@ -46,6 +46,18 @@ def _lookup_problems(module) -> List[str]:
     return out
 
 
+def rows_per_example_and_index(idx: Tensor, g: Tensor, num_embeddings: int):
+    """``g`` [B, T, F] summed per (example, embedding index) of ``idx`` [B, T]: ``(example of each row, index of
+    each row, rows)``; duplicates of one index in one example are added before anything is squared."""
+    B, T = idx.shape
+    example = torch.arange(B, device=idx.device).unsqueeze(1).expand(B, T)
+    keys = (example * num_embeddings + idx).reshape(-1)
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    rows = torch.zeros(unique.numel(), g.shape[-1], dtype=g.dtype, device=g.device)
+    rows.index_add_(0, inverse, g.reshape(B * T, g.shape[-1]))
+    return unique // num_embeddings, unique % num_embeddings, rows
+
+
 class EmbeddingRule(LayerRule):
     module_types = (nn.Embedding,)
     owned_params = ("weight",)
@@ -75,14 +87,7 @@ class EmbeddingRule(LayerRule):
         if cached is not None:
             return cached
         idx, g = self._flat(record, uses)
-        B, T = idx.shape
-        V = record.module.num_embeddings
-        example = torch.arange(B, device=idx.device).unsqueeze(1).expand(B, T)
-        keys = (example * V + idx).reshape(-1)
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        rows = torch.zeros(unique.numel(), g.shape[-1], dtype=g.dtype, device=g.device)
-        rows.index_add_(0, inverse, g.reshape(B * T, g.shape[-1]))  # one row per (example, index)
-        record.cache["rows"] = (unique // V, unique % V, rows)
+        record.cache["rows"] = rows_per_example_and_index(idx, g, record.module.num_embeddings)
         return record.cache["rows"]
 
     def sq_norms(self, record, uses, names) -> Dict[str, Tensor]:
@@ -224,14 +229,8 @@ class EmbeddingBagRule(LayerRule):
         if cached is not None:
             return cached
         idx, contrib = self._contributions(uses)
-        B, L = idx.shape
-        V = record.module.num_embeddings
-        example = torch.arange(B, device=idx.device).unsqueeze(1).expand(B, L)
-        keys = (example * V + idx).reshape(-1)
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        rows = torch.zeros(unique.numel(), contrib.shape[-1], dtype=contrib.dtype, device=contrib.device)
-        rows.index_add_(0, inverse, contrib.reshape(B * L, contrib.shape[-1]))  # one row per (example, index)
-        record.cache["bag_rows"] = (unique // V, unique % V, rows, L)
+        record.cache["bag_rows"] = (*rows_per_example_and_index(idx, contrib, record.module.num_embeddings),
+                                    idx.shape[1])
         return record.cache["bag_rows"]
 
     def sq_norms(self, record, uses, names) -> Dict[str, Tensor]:
