@@ -231,35 +231,37 @@ def test_ranks_with_different_privacy_settings_release_nothing(other):
 
 # -- checkpoint on one world size, resume on another --------------------------------------------------------
 
-def _train_and_save(rank, world, path):
+def _private_run(rank, world, steps):
+    """This rank's private model, privacy engine, optimizer and Poisson loader (31 examples, q = 0.25)."""
     model = _model()
     pe = PrivacyEngine("rdp")
-    loader = DistributedPoissonDataLoader(_dataset(31), sample_rate=0.25, world_size=world, rank=rank, steps=3)
+    loader = DistributedPoissonDataLoader(_dataset(31), sample_rate=0.25, world_size=world, rank=rank, steps=steps)
     model, opt, loader = pe.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
                                          data_loader=loader, noise_multiplier=1.0, max_grad_norm=C)
+    return model, pe, opt, loader
+
+
+def _train_on(model, opt, loader):
     for x, y in loader:
         opt.zero_grad()
         if len(y):
             F.cross_entropy(model(x), y).backward()
         opt.step()
+
+
+def _train_and_save(rank, world, path):
+    model, pe, opt, loader = _private_run(rank, world, steps=3)
+    _train_on(model, opt, loader)
     if rank == 0:
         pe.save_checkpoint(path)
     return _flat(model.parameters())
 
 
 def _resume(rank, world, path):
-    model = _model()
-    pe = PrivacyEngine("rdp")
-    loader = DistributedPoissonDataLoader(_dataset(31), sample_rate=0.25, world_size=world, rank=rank, steps=2)
-    model, opt, loader = pe.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-                                         data_loader=loader, noise_multiplier=1.0, max_grad_norm=C)
+    model, pe, opt, loader = _private_run(rank, world, steps=2)
     pe.load_checkpoint(path)
     resumed = _flat(model.parameters())
-    for x, y in loader:
-        opt.zero_grad()
-        if len(y):
-            F.cross_entropy(model(x), y).backward()
-        opt.step()
+    _train_on(model, opt, loader)
     return {"resumed": resumed, "steps": pe.accountant.steps, "weights": _flat(model.parameters())}
 
 
