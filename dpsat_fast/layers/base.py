@@ -76,10 +76,19 @@ class ModuleRecord:
         #: the engine's view of a parameter for the forward (``w + ε`` under a DP-SAT perturbation, else ``w``)
         self.effective: Callable[[Optional[Tensor]], Optional[Tensor]] = lambda p: p
 
+    def accepts(self, ctx=None) -> bool:
+        """Asks the engine's gate whether the running backward is to be recorded (see the class docstring; a
+        ``ctx`` is marked as recorded, so ask once per backward). For a rule that has work to do before it can
+        add its use (a recompute): ask first, then :meth:`add_accepted_use`."""
+        return self._accept is None or self._accept(self, ctx)
+
     def add_use(self, ctx=None, **tensors: Tensor) -> None:
         """Called from a rule's backward (with its autograd ``ctx``) with batch-leading tensors."""
-        if self._accept is not None and not self._accept(self, ctx):
-            return
+        if self.accepts(ctx):
+            self.add_accepted_use(**tensors)
+
+    def add_accepted_use(self, **tensors: Tensor) -> None:
+        """Records a use after :meth:`accepts` said yes for this backward."""
         self.uses.append(tensors)
         self._on_record(self)
 

@@ -128,12 +128,10 @@ class _GenericFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         outs, ins = saved[:ctx.n_out], saved[ctx.n_out:]
         record = ctx.record
-        accept = getattr(record, "_accept", None)
-        # the engine's gate first (no recompute for a backward that writes no parameter gradient); the use is then
-        # added without ctx so that the gate does not count this backward twice
-        if accept is None or accept(record, ctx):
+        # the engine's gate first: no recompute for a backward that writes no parameter gradient
+        if record.accepts(ctx):
             pe = ctx.info.rule.per_example_from_call(record, ctx.info, ins, grads, outs)
-            record.add_use(ctx if accept is None else None, **pe)
+            record.add_accepted_use(**pe)
         n_in = len(saved) - ctx.n_out
         passthrough = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[4:4 + ctx.n_out]))
         return (None, None, None, None) + passthrough + (None,) * (ctx.n_params + n_in)
