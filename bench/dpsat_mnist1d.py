@@ -92,7 +92,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,20 +149,20 @@ STUDY_PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
                           sharpness_rhos=[0.05, 0.1, 0.5]) for p in COMMON},
     "selection": {
         "smoke": dict(epsilons=[1.0], selections=["all", "head"], lrs=[1.0]),
-        "cpu": dict(epsilons=[1.0, 3.0], selections=["all", "last:2", "head"], lrs=[0.25, 1.0], seeds=[0, 1, 2]),
+        "cpu": dict(epsilons=[1.0, 3.0], selections=["all", "last:2", "head"], lrs=[0.25, 0.5, 1.0, 2.0]),
         **{p: dict(epsilons=[1.0, 3.0], selections=["all", "last:3", "last:2", "norms+head", "head", "bias"],
                    lrs=[0.5, 1.0, 2.0]) for p in ("pilot", "reduced", "full")},
     },
     "clipping": {
         "smoke": dict(epsilons=[3.0], clip_norms=[0.1, 10.0], lrs=[1.0]),
-        "cpu": dict(epsilons=[3.0], clip_norms=[0.1, 10.0], lrs=[0.25, 0.5], seeds=[0, 1, 2]),
+        "cpu": dict(epsilons=[3.0], clip_norms=[0.1, 1.0, 10.0], lrs=[0.125, 0.25, 0.5, 1.0]),
         **{p: dict(epsilons=[3.0], clip_norms=[0.1, 1.0, 10.0], lrs=[0.25, 0.5, 1.0, 2.0])
            for p in ("pilot", "reduced", "full")},
     },
     "pruning": {
         "smoke": dict(epsilons=[3.0], prune_rates=[0.0, 0.8], grad_keeps=[0.5], lrs=[1.0]),
-        "cpu": dict(epsilons=[3.0], prune_rates=[0.0, 0.5, 0.9], grad_keeps=[0.5, 0.1], lrs=[0.25, 1.0],
-                    seeds=[0, 1, 2]),
+        "cpu": dict(epsilons=[3.0], prune_rates=[0.0, 0.5, 0.8, 0.9], grad_keeps=[0.5, 0.2, 0.1],
+                    lrs=[0.25, 0.5, 1.0, 2.0]),
         **{p: dict(epsilons=[3.0], prune_rates=[0.0, 0.5, 0.8, 0.9], grad_keeps=[0.5, 0.2, 0.1],
                    lrs=[0.5, 1.0, 2.0]) for p in ("pilot", "reduced", "full")},
     },
@@ -373,6 +373,27 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict[str, Any]:
     return out
 
 
+def holm(p_values: Sequence[Optional[float]]) -> List[Optional[float]]:
+    """Holm's step-down adjustment of a family of p-values (``None`` stays ``None`` and is not counted): the
+    k-th smallest of m becomes max over j ≤ k of min(1, (m − j + 1)·p_(j)). Rejecting where the adjusted p < α
+    controls the family-wise error rate at α."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    out: List[Optional[float]] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        out[i] = running
+    return out
+
+
+def adjust_family(comparisons: List[Dict[str, Any]], metric: str = "test_accuracy") -> None:
+    """Adds ``p_holm`` to ``c[metric]`` of every comparison (one family: all of them)."""
+    adjusted = holm([c[metric].get("p_value") for c in comparisons])
+    for c, p in zip(comparisons, adjusted):
+        if p is not None:
+            c[metric]["p_holm"] = p
+
+
 def summarize(rows: List[Dict[str, Any]], group_keys: Sequence[str]) -> List[Dict[str, Any]]:
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in rows:
@@ -483,7 +504,9 @@ def finish_main(opts, runner: Runner) -> None:
                     {s: r["sharpness"]["perturbations"][0]["adversarial_increase"] for s, r in by[m].items()},
                     {s: r["sharpness"]["perturbations"][0]["adversarial_increase"] for s, r in by["dpsgd"].items()})
             comparisons.append(comp)
-    runner.extra.update(summary=summary, paired_vs_dpsgd=comparisons)
+    adjust_family(comparisons)
+    runner.extra.update(summary=summary, paired_vs_dpsgd=comparisons,
+                        multiple_comparisons="p_holm: Holm's adjustment over every accuracy comparison of this study")
     lines = ["| ε | method | lr | ρ | σ | test accuracy | test ECE | λ_max (Hessian) | adv. increase | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
@@ -493,15 +516,16 @@ def finish_main(opts, runner: Runner) -> None:
                      f"{s['noise_multiplier']:.3f} | {fmt(s['test_accuracy'])} | {fmt(s['test_ece'])} | {sharp} | "
                      f"{len(s['seeds'])} |")
     lines += ["", "| ε | method − DP-SGD (paired by seed) | Δ test accuracy (mean ± std) | 95% CI | p (paired t) | "
-                  "wins/losses | Δ λ_max |", "|---|---|---|---|---|---|---|"]
+                  "p (Holm) | wins/losses | Δ λ_max |", "|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         t = c["test_accuracy"]
         ci = f"[{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]" if "ci95" in t else "–"
         p = f"{t['p_value']:.3f}" if "p_value" in t else "–"
+        p_holm = f"{t['p_holm']:.3f}" if "p_holm" in t else "–"
         h = (f"{c['hessian_top_eigenvalue']['diff_mean']:+.2f} ± {c['hessian_top_eigenvalue']['diff_std']:.2f}"
              if "hessian_top_eigenvalue" in c else "–")
         lines.append(f"| {c['epsilon']:g} | {LABELS[c['method']]} | {t['diff_mean']:+.4f} ± {t['diff_std']:.4f} | {ci} | "
-                     f"{p} | {t['wins']}/{t['losses']} | {h} |")
+                     f"{p} | {p_holm} | {t['wins']}/{t['losses']} | {h} |")
     runner.extra["table"] = "\n".join(lines)
     print(runner.extra["table"])
 
@@ -558,9 +582,9 @@ def pretrain_public(opts, runner: Runner) -> str:
 
 
 def tuned_configs(opts, runner: Runner, configs: List[Dict[str, Any]], name: str,
-                  lr_scale=lambda c: 1.0) -> None:
+                  reference: Callable[[Dict[str, Any]], bool], lr_scale=lambda c: 1.0) -> None:
     """For every configuration: tune lr over ``--lrs`` (× lr_scale) on validation with the tuning seed, then every
-    seed at the best lr."""
+    seed at the best lr; then every configuration against the ``reference`` one at its ε, paired by seed."""
     bar = progress(len(configs) * (len(opts.lrs) + len(opts.seeds)), name, opts)
     chosen = []
     for config in configs:
@@ -586,8 +610,42 @@ def tuned_configs(opts, runner: Runner, configs: List[Dict[str, Any]], name: str
     for s in summary:
         lines.append(f"| {label(s)} | {s['lr']:g} | {fmt(s['test_accuracy'])} | {fmt(s['test_ece'])} | "
                      f"{s['noise_multiplier']:.3f} | {len(s['seeds'])} |")
+    comparisons = compare_with_reference(runner.rows, configs, reference)
+    runner.extra.update(paired_vs_reference=comparisons,
+                        multiple_comparisons="p_holm: Holm's adjustment over every accuracy comparison of this study")
+    lines += ["", "| configuration − reference (paired by seed) | Δ test accuracy | 95% CI | p | p (Holm) | "
+                  "wins/losses | Δ test ECE (p) |", "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        t, e = c["test_accuracy"], c["test_ece"]
+        ci = f"[{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]" if "ci95" in t else "–"
+        lines.append(f"| {label(c['config'])} − {label(c['reference'])} | {t['diff_mean']:+.4f} ± {t['diff_std']:.4f} | "
+                     f"{ci} | {t.get('p_value', float('nan')):.3f} | {t.get('p_holm', float('nan')):.3f} | "
+                     f"{t['wins']}/{t['losses']} | {e['diff_mean']:+.4f} ({e.get('p_value', float('nan')):.3f}) |")
     runner.extra["table"] = "\n".join(lines)
     print(runner.extra["table"])
+
+
+def compare_with_reference(rows: List[Dict[str, Any]], configs: List[Dict[str, Any]],
+                           reference: Callable[[Dict[str, Any]], bool]) -> List[Dict[str, Any]]:
+    """Every configuration's final runs minus those of the reference configuration at the same ε, paired by seed
+    (test accuracy and ECE); Holm-adjusted over the accuracy comparisons."""
+    def finals(config):
+        return {r["spec"]["seed"]: r for r in rows
+                if r["phase"] == "final" and all(r["spec"].get(k) == v for k, v in config.items())}
+
+    comparisons = []
+    for ref in (c for c in configs if reference(c)):
+        base = finals(ref)
+        for config in configs:
+            if reference(config) or config["epsilon"] != ref["epsilon"]:
+                continue
+            runs = finals(config)
+            comparisons.append({
+                "config": config, "reference": ref,
+                **{m: paired({s: r[m] for s, r in runs.items()}, {s: r[m] for s, r in base.items()})
+                   for m in ("test_accuracy", "test_ece")}})
+    adjust_family(comparisons)
+    return comparisons
 
 
 def label(c: Dict[str, Any]) -> str:
@@ -611,13 +669,15 @@ def study_selection(opts, runner: Runner) -> None:
     ckpt = pretrain_public(opts, runner)
     configs = [{**side_method(opts), "epsilon": eps, "trainable": t, "classes": PRIVATE, "checkpoint": ckpt}
                for eps in opts.epsilons for t in opts.selections]
-    tuned_configs(opts, runner, configs, "selection")
+    tuned_configs(opts, runner, configs, "selection", reference=lambda c: c["trainable"] == "all")
 
 
 def study_clipping(opts, runner: Runner) -> None:
     configs = [{**side_method(opts), "epsilon": eps, "max_grad_norm": C} for eps in opts.epsilons
                for C in opts.clip_norms]
-    tuned_configs(opts, runner, configs, "clipping", lr_scale=lambda c: 1.0 / c["max_grad_norm"])
+    # the claim under test: large clipping norms calibrate better; every smaller C against the largest
+    tuned_configs(opts, runner, configs, "clipping", reference=lambda c: c["max_grad_norm"] == max(opts.clip_norms),
+                  lr_scale=lambda c: 1.0 / c["max_grad_norm"])
 
 
 def study_pruning(opts, runner: Runner) -> None:
@@ -627,7 +687,8 @@ def study_pruning(opts, runner: Runner) -> None:
                for rate in opts.prune_rates]
     configs += [{**base, "epsilon": eps, "prune": None, "grad_keep": keep} for eps in opts.epsilons
                 for keep in opts.grad_keeps]
-    tuned_configs(opts, runner, configs, "pruning")
+    tuned_configs(opts, runner, configs, "pruning",
+                  reference=lambda c: not c.get("prune") and c.get("grad_keep") is None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

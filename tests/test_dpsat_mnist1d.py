@@ -97,6 +97,8 @@ def test_main_study_smoke(bench, tmp_path):
     assert sigma["dpsam"] > sigma["dpsgd"] == sigma["dpsat"] == sigma["dpsat_last"]  # DP-SAM pays two queries
     comps = {c["method"]: c for c in result["paired_vs_dpsgd"]}
     assert set(comps) == {"dpsat", "dpsat_last", "dpsam"} and comps["dpsat"]["test_accuracy"]["seeds"] == [0, 1]
+    assert bench.holm([c["test_accuracy"].get("p_value") for c in result["paired_vs_dpsgd"]]) == \
+        [c["test_accuracy"].get("p_holm") for c in result["paired_vs_dpsgd"]]
     assert (tmp_path / "main_accuracy_vs_epsilon.png").stat().st_size > 0
     assert (tmp_path / "main_sharpness.png").stat().st_size > 0
     # --resume reuses every run; sharpness study takes the selected settings from the main JSON
@@ -161,6 +163,17 @@ def test_side_studies_smoke(bench, tmp_path, study):
     if study == "pruning":
         assert [(s["prune"], s["grad_keep"]) for s in summary] == [(0.0, None), (0.8, None), (None, 0.5)]
         assert (tmp_path / "pruning_accuracy_vs_pruning.png").exists()
+    # every configuration against the reference one (all layers / the largest C / unpruned), paired by seed
+    comps = [(bench.label(c["config"]), bench.label(c["reference"])) for c in result["paired_vs_reference"]]
+    assert comps == {"selection": [("ε=1, train head", "ε=1, train all")], "clipping": [("ε=3, C=0.1", "ε=3, C=10")],
+                     "pruning": [("ε=3, pre-prune 80%", "ε=3, pre-prune 0%"),
+                                 ("ε=3, grad keep 50%", "ε=3, pre-prune 0%")]}[study]
+    for c in result["paired_vs_reference"]:
+        runs = {r["spec"]["seed"]: r for r in result["runs"] if r["phase"] == "final"
+                and all(r["spec"].get(k) == v for k, v in c["config"].items())}
+        ref = {r["spec"]["seed"]: r for r in result["runs"] if r["phase"] == "final"
+               and all(r["spec"].get(k) == v for k, v in c["reference"].items())}
+        assert c["test_accuracy"]["differences"] == [runs[s]["test_accuracy"] - ref[s]["test_accuracy"] for s in (0, 1)]
     replot = bench.main(["--study", "plot", "--inputs", str(out)])
     assert replot["plots"]
 
@@ -174,8 +187,15 @@ def test_cpu_preset_is_the_documented_protocol(bench):
     assert main.methods == list(bench.METHODS)
     assert len({len(bench.candidates(m, main)) for m in main.methods}) == 1
     sel = bench.parse(["--study", "selection", "--preset", "cpu"])
-    assert sel.epsilons == [1.0, 3.0] and sel.seeds == [0, 1, 2] and "head" in sel.selections
-    assert bench.parse(["--study", "clipping", "--preset", "cpu"]).clip_norms == [0.1, 10.0]
+    assert sel.epsilons == [1.0, 3.0] and sel.seeds == [0, 1, 2, 3, 4] and "head" in sel.selections
+    assert bench.parse(["--study", "clipping", "--preset", "cpu"]).clip_norms == [0.1, 1.0, 10.0]
+
+
+def test_holm_adjustment(bench):
+    # sorted 0.01, 0.03, 0.04 -> 3·0.01, max(0.03, 2·0.03), max(0.06, 1·0.04); None is not part of the family
+    assert bench.holm([0.04, None, 0.01, 0.03]) == pytest.approx([0.06, None, 0.03, 0.06])
+    assert bench.holm([0.04, 0.001, 0.02]) == pytest.approx([0.04, 0.003, 0.04])
+    assert bench.holm([0.9, 0.8]) == [1.0, 1.0] and bench.holm([]) == []
 
 
 def test_a_stopped_resumed_study_keeps_the_runs_it_had_not_reached(bench, tmp_path):
