@@ -324,6 +324,18 @@ class Runner:
         os.replace(tmp, self.out)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (machines differ: compare times only within one run's JSON)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def metadata(opts, study: str) -> Dict[str, Any]:
     _, _, _, info = load_mnist1d_split(opts.n_train, opts.n_val, opts.n_test, data_seed=opts.data_seed)
     return {"study": study, "preset": opts.preset,
@@ -333,7 +345,8 @@ def metadata(opts, study: str) -> Dict[str, Any]:
             "training": "dpsat_fast.train: Poisson sampling, PLD accountant, delta 1e-5, SGD momentum 0.9, flat "
                         "clipping unless varied; selection on validation accuracy",
             "torch": torch.__version__, "dpsat_fast": dpsat_fast.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "noise": ("INSECURE common random numbers: --insecure-noise-seed "
                       f"{opts.insecure_noise_seed} + 1000·seed; NOT private" if opts.insecure_noise_seed is not None
@@ -612,15 +625,17 @@ def tuned_configs(opts, runner: Runner, configs: List[Dict[str, Any]], name: str
                      f"{s['noise_multiplier']:.3f} | {len(s['seeds'])} |")
     comparisons = compare_with_reference(runner.rows, configs, reference)
     runner.extra.update(paired_vs_reference=comparisons,
-                        multiple_comparisons="p_holm: Holm's adjustment over every accuracy comparison of this study")
+                        multiple_comparisons="p_holm: Holm's adjustment over every comparison of this study, "
+                                             "accuracy and ECE separately")
     lines += ["", "| configuration − reference (paired by seed) | Δ test accuracy | 95% CI | p | p (Holm) | "
-                  "wins/losses | Δ test ECE (p) |", "|---|---|---|---|---|---|---|"]
+                  "wins/losses | Δ test ECE (p, Holm) |", "|---|---|---|---|---|---|---|"]
     for c in comparisons:
         t, e = c["test_accuracy"], c["test_ece"]
         ci = f"[{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]" if "ci95" in t else "–"
         lines.append(f"| {label(c['config'])} − {label(c['reference'])} | {t['diff_mean']:+.4f} ± {t['diff_std']:.4f} | "
                      f"{ci} | {t.get('p_value', float('nan')):.3f} | {t.get('p_holm', float('nan')):.3f} | "
-                     f"{t['wins']}/{t['losses']} | {e['diff_mean']:+.4f} ({e.get('p_value', float('nan')):.3f}) |")
+                     f"{t['wins']}/{t['losses']} | {e['diff_mean']:+.4f} ({e.get('p_value', float('nan')):.3f}, "
+                     f"{e.get('p_holm', float('nan')):.3f}) |")
     runner.extra["table"] = "\n".join(lines)
     print(runner.extra["table"])
 
@@ -644,7 +659,8 @@ def compare_with_reference(rows: List[Dict[str, Any]], configs: List[Dict[str, A
                 "config": config, "reference": ref,
                 **{m: paired({s: r[m] for s, r in runs.items()}, {s: r[m] for s, r in base.items()})
                    for m in ("test_accuracy", "test_ece")}})
-    adjust_family(comparisons)
+    adjust_family(comparisons, "test_accuracy")
+    adjust_family(comparisons, "test_ece")
     return comparisons
 
 
