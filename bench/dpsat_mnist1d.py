@@ -457,7 +457,7 @@ def select(rows: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
 def study_main(opts, runner: Runner) -> None:
     tune_eps = opts.tune_epsilons or opts.epsilons
     n_tune = sum(len(candidates(m, opts)) for m in opts.methods) * len(tune_eps)
-    n_final = len(opts.methods) * len(opts.epsilons) * len(opts.seeds)
+    n_final = 0 if opts.tuning_only else len(opts.methods) * len(opts.epsilons) * len(opts.seeds)
     bar = progress(n_tune + n_final, "main", opts)
     selected: Dict[str, Dict[str, Any]] = {}
     tuning = {}
@@ -479,6 +479,11 @@ def study_main(opts, runner: Runner) -> None:
                                   "selection": "best mean validation accuracy per (lr, rho); DP-SGD runs each lr "
                                                "len(rhos) times with different seeds, the rho methods each (lr, rho) "
                                                "once", "candidates": {m: candidates(m, opts) for m in opts.methods}})
+    if opts.tuning_only:  # e.g. to widen a grid next to a study still running its final runs (then --reuse both)
+        bar.close()
+        runner.extra["tuning_only"] = True
+        print(json.dumps(selected, indent=1))
+        return
     # seed-major: a run stopped early still has every (method, ε) at the seeds it finished, for paired comparisons
     for seed in opts.seeds:
         for eps in opts.epsilons:
@@ -553,9 +558,10 @@ def study_sharpness(opts, runner: Runner) -> None:
             settings[m] = {"lr": prior[key]["lr"], "rho": prior[key]["rho"], "from": key}
     runner.extra["settings"] = settings
     bar = progress(len(opts.methods) * len(opts.epsilons) * len(opts.seeds), "sharpness", opts)
-    for eps in opts.epsilons:
-        for m in opts.methods:
-            for seed in opts.seeds:
+    # seed-major, as the main study: a stopped run has every (method, ε) at the seeds it finished
+    for seed in opts.seeds:
+        for eps in opts.epsilons:
+            for m in opts.methods:
                 spec = {"phase": "final", "method": m, "epsilon": eps, "seed": seed, "lr": settings[m]["lr"],
                         "rho": settings[m]["rho"]}
                 row = runner.run(spec, sharpness_rhos=opts.sharpness_rhos)
@@ -882,6 +888,7 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--method", choices=("dpsgd", "dpsat", "dpsam"), default="dpsat",
                    help="side studies' method (default DP-SAT, ρ = --rho, 0.05)")
     p.add_argument("--selections", nargs="+", default=None)
+    p.add_argument("--tuning-only", action="store_true", help="--study main: stop after the tuning runs")
     p.add_argument("--settings-from", default=None, help="--study sharpness: take lr and ρ from a main-study JSON")
     p.add_argument("--insecure-noise-seed", type=int, default=None,
                    help="INSECURE, NOT PRIVATE: seed the noise and the sampling (seed + 1000·run seed), so that the "

@@ -213,3 +213,16 @@ def test_a_stopped_resumed_study_keeps_the_runs_it_had_not_reached(bench, tmp_pa
     assert saved["runs"] == [row] and saved["wall_seconds"] >= 100.0
     runner.save(complete=True)  # a complete study holds exactly the runs it asked for
     assert json.loads(out.read_text())["runs"] == []
+
+
+def test_tuning_only_then_reuse(bench, tmp_path):
+    """--tuning-only stops after the tuning runs (selection recorded, no final run); a later full study reuses them."""
+    args = ["--study", "main", "--preset", "smoke", "--methods", "dpsgd", "dpsat", "--seeds", "0", "--no-progress"]
+    tune = bench.main(args + ["--tuning-only", "--out", str(tmp_path / "tune.json")])
+    assert tune["tuning_only"] and {r["phase"] for r in tune["runs"]} == {"tune"}
+    assert set(tune["selected"]) == {"dpsgd@3", "dpsat@3"}
+    full = bench.main(args + ["--out", str(tmp_path / "full.json"), "--reuse", str(tmp_path / "tune.json")])
+    tuned = [r for r in full["runs"] if r["phase"] == "tune"]
+    assert [r["seconds"] for r in tuned] == [r["seconds"] for r in tune["runs"]]  # reused, not re-run
+    assert full["selected"] == tune["selected"] and "tuning_only" not in full
+    assert {r["phase"] for r in full["runs"]} == {"tune", "final"}
