@@ -40,41 +40,37 @@ Studies (``--study``; ``--preset smoke|pilot|reduced|full`` sets the sizes, any 
 
 The side studies use DP-SAT with ρ = 0.05 by default, as the digits studies (``--method``, ``--rho``).
 
-Cost. One epoch of a 40,000-example run at batch 250 (160 DP steps) took 32 s with 2 threads on this 2-core CPU
-when it was nearly idle; with one thread per process and other jobs sharing the CPU the 1-epoch runs of the
-main study took 10–60 s each (DP-SAM 19–105 s). An "epoch-run" below is one epoch of one run (DP-SAM: two; fine-tuning on the
-private half of the classes: half). Full runs, estimated at 30 s per epoch-run:
+Cost. One epoch of a 40,000-example run at batch 250 (160 DP steps) took 6.5 s of training with 2 threads on an
+idle 2-core AMD EPYC machine (plus 8 s for a final run's sharpness measurements); with one thread per process
+and 3-6 processes sharing the two cores it takes 15-60 s (DP-SAM about twice as long). An "epoch-run" below is
+one epoch of one run (DP-SAM: two; fine-tuning on the private half of the classes: half). Full runs, with
+estimates at 6.5 s per epoch-run on that idle machine:
 
-    python bench/dpsat_mnist1d.py --study main --preset full         # 4 methods × 3 ε × (20 tuning + 5 seeds), 15 epochs: ~5,600 epoch-runs, ~2 days
-    python bench/dpsat_mnist1d.py --study sharpness --preset full --settings-from bench/results/dpsat_mnist1d_main_full.json   # 150 epoch-runs: ~75 min
-    python bench/dpsat_mnist1d.py --study selection --preset full    # 6 selections × 2 ε × (3 lrs + 5 seeds): ~720 epoch-runs, ~6 h
-    python bench/dpsat_mnist1d.py --study clipping --preset full     # 3 C × (4 lrs + 5 seeds): ~400 epoch-runs, ~3.5 h
-    python bench/dpsat_mnist1d.py --study pruning --preset full      # 7 configurations × (3 lrs + 5 seeds): ~420 epoch-runs, ~3.5 h
+    python bench/dpsat_mnist1d.py --study main --preset full         # 4 methods × 3 ε × (20 tuning + 5 seeds), 15 epochs: ~5,600 epoch-runs, ~10 h
+    python bench/dpsat_mnist1d.py --study sharpness --preset full --settings-from bench/results/dpsat_mnist1d_main_full.json   # 150 epoch-runs: ~20 min
+    python bench/dpsat_mnist1d.py --study selection --preset full    # 6 selections × 2 ε × (3 lrs + 5 seeds): ~720 epoch-runs, ~80 min
+    python bench/dpsat_mnist1d.py --study clipping --preset full     # 3 C × (4 lrs + 5 seeds): ~400 epoch-runs, ~45 min
+    python bench/dpsat_mnist1d.py --study pruning --preset full      # 7 configurations × (3 lrs + 5 seeds): ~420 epoch-runs, ~45 min
 
 The full preset is meant for a GPU or an idle many-core machine (``--threads``); ``--resume`` continues it.
 
-What was run here (``--preset cpu``, results in ``bench/results/dpsat_mnist1d_*_cpu*.json``, summarized in
-docs/dpsat_evidence.md): 40,000 training examples, ONE epoch of 160 Poisson steps at batch 250 per run; the main
-study with all four methods, lr ∈ {0.25, 0.5} × ρ ∈ {0.02, 0.05} tuned at ε = 3 only (4 runs per method) and
-reused at ε = 1 and 8, 5 seeds per ε, sharpness of every final model; the side studies with 3 seeds and smaller
-grids. Measured on the shared 2-core CPU, one thread per process, several processes at once: the main study
-4,136 s of process time in three parallel parts (``--methods``, merged with ``--reuse``), each side study
-about 7 minutes:
+What was run here (results in ``bench/results/dpsat_mnist1d_*_cpu*.json``, summarized in docs/dpsat_evidence.md
+with every command and its wall time), on the 40,000 training examples at batch 250:
 
-    python bench/dpsat_mnist1d.py --study main --preset cpu          # 76 runs (or in parts, see --reuse)
-    python bench/dpsat_mnist1d.py --study selection --preset cpu     # 30 fine-tuning runs
-    python bench/dpsat_mnist1d.py --study clipping --preset cpu      # 10 runs
-    python bench/dpsat_mnist1d.py --study pruning --preset cpu       # 25 fine-tuning runs
-
-Longer training (``--epochs 3`` on top of the cpu preset): the main protocol for DP-SGD and DP-SAT
-(``--study main --preset cpu --epochs 3 --methods dpsgd dpsat``), and DP-SGD vs DP-SAT at the one-epoch settings
-with 10 seeds (``--study sharpness --preset cpu --epochs 3 --lr 0.5 --rho 0.05 --epsilons 1 3 8 --seeds 0 … 9``);
-the exact commands and times are in the JSONs and docs/dpsat_evidence.md.
+* the main result: the ``cpu`` preset at three epochs, tuned separately at each ε over lr {0.125, 0.25, 0.5} ×
+  ρ {0.02, 0.05, 0.1}, 10 seeds, all four methods, in three parallel parts merged with ``--reuse``
+  (``--study main --preset cpu --epochs 3 --tune-epsilons 1 3 8 --lrs 0.125 0.25 0.5 --rhos 0.02 0.05 0.1
+  --seeds 0 1 2 3 4 5 6 7 8 9``; 228 runs, about 70 minutes on 2 cores), and its widened grid for DP-SGD and
+  DP-SAT (``--tuning-only``, lr down to 0.0625 and up to 1, ρ up to 0.2);
+* a training-length check at ten epochs (``--study sharpness --epochs 10 --settings-from`` the main result);
+* earlier and smaller: the ``cpu`` preset as it is (one epoch, tuned at ε = 3 only, 5 seeds: 76 runs) and the same
+  at three epochs, and DP-SGD vs DP-SAT at the one-epoch settings for three epochs with 10 seeds;
+* the side studies, ``--study selection|clipping|pruning --preset cpu`` (5 seeds, 4 learning rates each; 10-15
+  minutes each).
 
 Pilot (ε = 3, 2 seeds, 1 epoch; DP-SGD vs DP-SAT, 4 tuning runs each): ``--study main --preset pilot``.
-Smoke (what CI runs, tiny sizes: 10–20 s per side study, about 2 min for the main study's test on this shared
-CPU): ``--preset smoke``. ``--resume`` reuses the runs already in ``--out``: the JSON is rewritten after every
-run, so a long run can be stopped and continued.
+Smoke (what CI runs, tiny sizes, seconds per study): ``--preset smoke``. ``--resume`` reuses the runs already in
+``--out``: the JSON is rewritten after every run, so a long run can be stopped and continued.
 """
 from __future__ import annotations
 
@@ -125,8 +121,8 @@ COMMON = {
     "reduced": dict(n_train=40_000, n_val=5_000, n_test=10_000, epochs=1, batch_size=1000, physical_batch_size=500,
                     seeds=[0, 1, 2, 3, 4], tune_seed=100, sharpness_examples=256, sharpness_iters=15,
                     sharpness_random=5, pretrain_epochs=3),
-    # what this 2-core CPU could afford for every study together (~100 min, shared): one epoch of 160 Poisson
-    # steps at batch 250, the main study tuned at ε = 3 only, the side studies with 3 seeds
+    # sized for a 2-core CPU: one epoch of 160 Poisson steps at batch 250, the main study tuned at ε = 3 only
+    # (the main result adds --epochs 3 --tune-epsilons 1 3 8, a 3 × 3 grid and 10 seeds), side studies 5 seeds
     "cpu": dict(n_train=40_000, n_val=5_000, n_test=10_000, epochs=1, batch_size=250, physical_batch_size=250,
                 seeds=[0, 1, 2, 3, 4], tune_seed=100, sharpness_examples=256, sharpness_iters=20, sharpness_random=5,
                 pretrain_epochs=3),
