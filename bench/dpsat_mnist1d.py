@@ -480,19 +480,28 @@ def study_main(opts, runner: Runner) -> None:
         runner.extra["tuning_only"] = True
         print(json.dumps(selected, indent=1))
         return
-    # seed-major: a run stopped early still has every (method, ε) at the seeds it finished, for paired comparisons
+    def setting(method: str, eps: float) -> Dict[str, Any]:
+        from_eps = eps if eps in tune_eps else min(tune_eps, key=lambda e: abs(math.log(e / eps)))
+        sel = selected[f"{method}@{from_eps:g}"]
+        return {"lr": sel["lr"], "rho": sel["rho"], "tuned_at_epsilon": from_eps}
+
+    final_runs(opts, runner, bar, setting,
+               lambda method, eps, seed, row: f"{method} ε={eps:g} seed {seed}: test {row['test_accuracy']:.3f}")
+    finish_main(opts, runner)
+
+
+def final_runs(opts, runner: Runner, bar, setting: Callable[[str, float], Dict[str, Any]],
+               describe: Callable[[str, float, int, Dict[str, Any]], str]) -> None:
+    """Every (seed, ε, method) final run with its ``setting(method, ε)``, sharpness measured. Seed-major: a study
+    stopped early still has every (method, ε) at the seeds it finished, for paired comparisons."""
     for seed in opts.seeds:
         for eps in opts.epsilons:
             for method in opts.methods:
-                from_eps = eps if eps in tune_eps else min(tune_eps, key=lambda e: abs(math.log(e / eps)))
-                sel = selected[f"{method}@{from_eps:g}"]
-                spec = {"phase": "final", "method": method, "epsilon": eps, "seed": seed, "lr": sel["lr"],
-                        "rho": sel["rho"], "tuned_at_epsilon": from_eps}
+                spec = {"phase": "final", "method": method, "epsilon": eps, "seed": seed, **setting(method, eps)}
                 row = runner.run(spec, sharpness_rhos=opts.sharpness_rhos)
-                bar.set_postfix_str(f"{method} ε={eps:g} seed {seed}: test {row['test_accuracy']:.3f}")
+                bar.set_postfix_str(describe(method, eps, seed, row))
                 bar.update()
     bar.close()
-    finish_main(opts, runner)
 
 
 def finish_main(opts, runner: Runner) -> None:
@@ -554,16 +563,8 @@ def study_sharpness(opts, runner: Runner) -> None:
             settings[m] = {"lr": prior[key]["lr"], "rho": prior[key]["rho"], "from": key}
     runner.extra["settings"] = settings
     bar = progress(len(opts.methods) * len(opts.epsilons) * len(opts.seeds), "sharpness", opts)
-    # seed-major, as the main study: a stopped run has every (method, ε) at the seeds it finished
-    for seed in opts.seeds:
-        for eps in opts.epsilons:
-            for m in opts.methods:
-                spec = {"phase": "final", "method": m, "epsilon": eps, "seed": seed, "lr": settings[m]["lr"],
-                        "rho": settings[m]["rho"]}
-                row = runner.run(spec, sharpness_rhos=opts.sharpness_rhos)
-                bar.set_postfix_str(f"{m} seed {seed}: λ_max {row['sharpness']['hessian_top_eigenvalue']:.2f}")
-                bar.update()
-    bar.close()
+    final_runs(opts, runner, bar, lambda m, eps: {"lr": settings[m]["lr"], "rho": settings[m]["rho"]},
+               lambda m, eps, seed, row: f"{m} seed {seed}: λ_max {row['sharpness']['hessian_top_eigenvalue']:.2f}")
     finish_main(opts, runner)
 
 
